@@ -1,0 +1,226 @@
+"""chatd configuration: a frozen object built from ``config.toml``.
+
+Nothing here reads the environment or the filesystem at import time; the CLI
+calls :func:`load_config` with an explicit path and environment mapping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the offending key."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    #: A WebSocket frame larger than this closes the connection with 1009.
+    max_frame_bytes: int = 65536
+    #: Longest accepted message text, in characters.
+    max_text_chars: int = 16000
+    #: Bounded per-connection send queue; a client that falls further behind
+    #: is disconnected with close code 4008 and resumes by cursor.
+    send_queue_frames: int = 1000
+    send_queue_bytes: int = 4 * 1024 * 1024
+    max_subscriptions: int = 100
+    #: Sends a single connection may have waiting for their commit.
+    max_inflight_sends: int = 64
+    #: A connection that has not said hello within this many seconds is closed.
+    hello_timeout: float = 10.0
+    #: How long shutdown waits for connections to close.
+    shutdown_grace: float = 5.0
+    #: Anonymous identities via ``{"op":"hello","user":...}``.
+    allow_anonymous: bool = True
+
+
+@dataclass(frozen=True)
+class PostgresConfig:
+    #: Empty means: start an embedded PostgreSQL under ``embedded.data_dir``.
+    dsn: str = ""
+    pool_min: int = 2
+    pool_max: int = 10
+    connect_timeout: float = 5.0
+    #: Deadline for every Postgres call made through the gateway.
+    command_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    #: Empty means: start an embedded Redis under ``embedded.data_dir``.
+    url: str = ""
+    connect_timeout: float = 2.0
+    #: Deadline for every Redis call made through the gateway.
+    command_timeout: float = 2.0
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    #: Extra time the committer waits to gather a batch once a send arrives.
+    #: 0 still batches naturally: sends arriving during a commit form the next batch.
+    group_commit_window_ms: float = 0.0
+    group_commit_max: int = 256
+    #: Messages in a snapshot when ``subscribe`` has no ``after``.
+    snapshot_messages: int = 50
+    #: Most missed messages a reconnect recovers; beyond it ``recovered`` is false.
+    max_catchup: int = 1000
+    history_max: int = 500
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    batch: int = 500
+    #: Polling fallback: LISTEN/NOTIFY is a wake-up, not a guarantee.
+    poll_interval: float = 1.0
+    backoff_min: float = 0.05
+    backoff_max: float = 2.0
+
+
+@dataclass(frozen=True)
+class EmbeddedConfig:
+    data_dir: str = "var"
+    #: Directory holding initdb/pg_ctl/postgres; empty searches PATH and Debian's locations.
+    pg_bin_dir: str = ""
+    redis_server: str = ""
+    #: User PostgreSQL runs as when chatd runs as root (it refuses root);
+    #: empty picks ``postgres`` if it exists, else ``nobody``.
+    pg_user: str = ""
+    start_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    postgres: PostgresConfig = field(default_factory=PostgresConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    relay: RelayConfig = field(default_factory=RelayConfig)
+    embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def embedded_needed(self) -> bool:
+        return not self.postgres.dsn or not self.redis.url
+
+    def with_dsns(self, *, postgres: str | None = None, redis: str | None = None) -> Config:
+        """Return a copy with the given DSNs filled in (used for embedded servers)."""
+        pg = replace(self.postgres, dsn=postgres) if postgres is not None else self.postgres
+        rd = replace(self.redis, url=redis) if redis is not None else self.redis
+        return replace(self, postgres=pg, redis=rd)
+
+
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+#: Environment variables that may override a DSN (operators keep secrets out of files).
+ENV_OVERRIDES = {
+    "CHATD_POSTGRES_DSN": ("postgres", "dsn"),
+    "CHATD_REDIS_URL": ("redis", "url"),
+}
+
+
+def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
+    name = f"[{section}].{key}"
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        if value < 0:
+            raise ConfigError(f"{name} must not be negative, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        if value < 0:
+            raise ConfigError(f"{name} must not be negative, got {value!r}")
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+        return value
+    raise AssertionError(f"unsupported config type for {name}")  # pragma: no cover
+
+
+def config_from_dict(data: Mapping[str, Any]) -> Config:
+    """Build a :class:`Config` from parsed TOML, rejecting unknown keys by name."""
+    sections: dict[str, Any] = {}
+    known = {f.name: f for f in fields(Config)}
+    for section, values in data.items():
+        if section not in known:
+            raise ConfigError(f"unknown config section [{section}]")
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"[{section}] must be a table")
+        cls = known[section].default_factory  # type: ignore[misc]
+        defaults = cls()
+        allowed = {f.name for f in fields(cls)}
+        kwargs = {}
+        for key, value in values.items():
+            if key not in allowed:
+                raise ConfigError(f"unknown config key [{section}].{key}")
+            kwargs[key] = _coerce(section, key, value, getattr(defaults, key))
+        sections[section] = cls(**kwargs)
+    config = Config(**sections)
+    _validate(config)
+    return config
+
+
+def _validate(config: Config) -> None:
+    checks = [
+        (config.server.port <= 65535, "[server].port must be 0..65535"),
+        (config.server.max_frame_bytes >= 1024, "[server].max_frame_bytes must be at least 1024"),
+        (config.server.max_text_chars >= 1, "[server].max_text_chars must be at least 1"),
+        (config.server.send_queue_frames >= 8, "[server].send_queue_frames must be at least 8"),
+        (config.server.max_inflight_sends >= 1, "[server].max_inflight_sends must be at least 1"),
+        (config.postgres.pool_max >= 2, "[postgres].pool_max must be at least 2"),
+        (
+            config.postgres.pool_min <= config.postgres.pool_max,
+            "[postgres].pool_min must not exceed [postgres].pool_max",
+        ),
+        (config.postgres.command_timeout > 0, "[postgres].command_timeout must be positive"),
+        (config.redis.command_timeout > 0, "[redis].command_timeout must be positive"),
+        (config.store.group_commit_max >= 1, "[store].group_commit_max must be at least 1"),
+        (config.relay.batch >= 1, "[relay].batch must be at least 1"),
+        (config.relay.poll_interval > 0, "[relay].poll_interval must be positive"),
+        (config.log.level in _LOG_LEVELS, f"[log].level must be one of {', '.join(_LOG_LEVELS)}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def load_config(path: str | Path | None, env: Mapping[str, str]) -> Config:
+    """Read ``path`` (TOML; ``None`` means all defaults) and apply env overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            with p.open("rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {p}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{p}: invalid TOML: {exc}") from None
+    data = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+    for var, (section, key) in ENV_OVERRIDES.items():
+        if env.get(var):
+            data.setdefault(section, {})[key] = env[var]
+    return config_from_dict(data)
+
+
+def as_dict(config: Config) -> dict[str, Any]:
+    """The configuration as plain data (for ``chatd config`` and logs)."""
+    return dataclasses.asdict(config)

@@ -1,0 +1,474 @@
+"""Embedded PostgreSQL and Redis as child processes under a data directory.
+
+``chatd serve`` with no DSNs uses these; the test suite uses them too, so it
+owns real servers it can kill, pause and restart. Both listen on 127.0.0.1 on
+a free port with a generated password kept in the data directory (mode 0600),
+so other local users cannot read or write the conversations.
+
+PostgreSQL refuses to run as root: when chatd runs as root the cluster runs as
+an unprivileged user (``[embedded].pg_user``, else ``postgres``, else ``nobody``).
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+from urllib.parse import quote
+
+from chatd.config import Config
+from chatd.errors import ServiceStartError
+
+log = logging.getLogger("chatd.embedded")
+
+_PG_TOOLS = ("initdb", "postgres", "pg_isready")
+_PG_INSTALL_HINT = (
+    "install the PostgreSQL server (Debian/Ubuntu: apt-get install postgresql) "
+    "or set [embedded].pg_bin_dir, or configure [postgres].dsn to use an existing server"
+)
+_REDIS_INSTALL_HINT = (
+    "install the Redis server (Debian/Ubuntu: apt-get install redis-server) "
+    "or set [embedded].redis_server, or configure [redis].url to use an existing server"
+)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def find_pg_bin(configured: str = "") -> Path:
+    """The directory holding initdb and postgres; raises with an install hint."""
+    candidates: list[Path] = []
+    if configured:
+        candidates.append(Path(configured))
+    else:
+        found = shutil.which("initdb")
+        if found:
+            candidates.append(Path(found).resolve().parent)
+        debian = sorted(
+            glob.glob("/usr/lib/postgresql/*/bin"),
+            key=lambda p: int(Path(p).parent.name) if Path(p).parent.name.isdigit() else 0,
+        )
+        candidates.extend(Path(p) for p in reversed(debian))
+        candidates.extend(Path(p) for p in ("/usr/local/pgsql/bin", "/usr/pgsql/bin"))
+    for c in candidates:
+        if all((c / tool).is_file() for tool in _PG_TOOLS):
+            return c
+    where = configured or "PATH and /usr/lib/postgresql/*/bin"
+    raise ServiceStartError(
+        f"PostgreSQL server binaries ({', '.join(_PG_TOOLS)}) not found in {where}: {_PG_INSTALL_HINT}"
+    )
+
+
+def find_redis_server(configured: str = "") -> Path:
+    """The redis-server binary; raises with an install hint."""
+    candidates = (
+        [configured]
+        if configured
+        else [
+            shutil.which("redis-server") or "",
+            "/usr/bin/redis-server",
+            "/usr/local/bin/redis-server",
+        ]
+    )
+    for c in candidates:
+        if c and Path(c).is_file() and os.access(c, os.X_OK):
+            return Path(c)
+    raise ServiceStartError(
+        f"redis-server not found ({configured or 'PATH, /usr/bin, /usr/local/bin'}): {_REDIS_INSTALL_HINT}"
+    )
+
+
+def _pg_run_user(configured: str) -> pwd.struct_passwd | None:
+    if os.geteuid() != 0:
+        return None
+    for name in [configured] if configured else ["postgres", "nobody"]:
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            continue
+    raise ServiceStartError(
+        f"running as root, PostgreSQL needs an unprivileged user; user {configured!r} does not exist"
+    )
+
+
+def _check_reachable(path: Path, user: pwd.struct_passwd) -> None:
+    for parent in [path, *path.parents]:
+        st = parent.stat()
+        if st.st_uid == user.pw_uid:
+            continue
+        if not st.st_mode & stat.S_IXOTH:
+            raise ServiceStartError(
+                f"PostgreSQL runs as user {user.pw_name!r} (it refuses root) and cannot reach {path}: "
+                f"{parent} is not searchable by other users. Choose an [embedded].data_dir under a "
+                f"world-searchable directory (e.g. /var/lib/chatd) or run 'chmod o+x {parent}'"
+            )
+
+
+def _wait(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+class PostgresServer:
+    """A PostgreSQL cluster in ``data_dir`` run as a child process."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        bin_dir: Path,
+        run_as: pwd.struct_passwd | None,
+        start_timeout: float = 30.0,
+    ) -> None:
+        self.data_dir = data_dir.resolve()
+        self.pgdata = self.data_dir / "pg"
+        self.bin_dir = bin_dir
+        self.run_as = run_as
+        self.start_timeout = start_timeout
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._password_file = self.data_dir / "pg.password"
+
+    @property
+    def password(self) -> str:
+        return self._password_file.read_text().strip()
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql://chatd:{quote(self.password, safe='')}@127.0.0.1:{self.port}/chatd"
+
+    def _popen_kwargs(self) -> dict[str, object]:
+        if self.run_as is None:
+            return {}
+        return {"user": self.run_as.pw_uid, "group": self.run_as.pw_gid, "extra_groups": []}
+
+    def _chown(self, path: Path) -> None:
+        if self.run_as is not None:
+            os.chown(path, self.run_as.pw_uid, self.run_as.pw_gid)
+
+    def _initdb(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.run_as is not None:
+            _check_reachable(self.data_dir, self.run_as)
+        if not self._password_file.exists():
+            fd = os.open(self._password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_urlsafe(24) + "\n")
+        if (self.pgdata / "PG_VERSION").exists():
+            return
+        if self.pgdata.exists():
+            shutil.rmtree(self.pgdata)  # a half-done initdb from an earlier crash
+        self.pgdata.mkdir(mode=0o700)
+        self._chown(self.pgdata)
+        # initdb reads the password from a file the cluster user can read; removed at once.
+        pwfile = self.data_dir / ".initdb-pwfile"
+        pwfile.write_text(self.password + "\n")
+        pwfile.chmod(0o600)
+        self._chown(pwfile)
+        try:
+            result = subprocess.run(
+                [
+                    str(self.bin_dir / "initdb"),
+                    "-D",
+                    str(self.pgdata),
+                    "-U",
+                    "chatd",
+                    "-A",
+                    "scram-sha-256",
+                    f"--pwfile={pwfile}",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                    "--no-instructions",
+                ],
+                capture_output=True,
+                timeout=120,
+                **self._popen_kwargs(),  # type: ignore[arg-type]
+            )
+        finally:
+            pwfile.unlink(missing_ok=True)
+        if result.returncode != 0:
+            shutil.rmtree(self.pgdata, ignore_errors=True)
+            raise ServiceStartError(
+                f"initdb failed: {result.stderr.decode(errors='replace').strip()}"
+            )
+
+    def start(self) -> None:
+        """Initialise the cluster if needed, start it, create the ``chatd`` database."""
+        self._initdb()
+        self.port = free_port()
+        log_path = self.data_dir / "postgres.log"
+        logf = open(log_path, "ab")
+        self._chown(log_path)
+        args = [
+            str(self.bin_dir / "postgres"),
+            "-D",
+            str(self.pgdata),
+            "-p",
+            str(self.port),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "unix_socket_directories=",
+            "-c",
+            "max_connections=200",
+            "-c",
+            "shared_buffers=128MB",
+        ]
+        try:
+            self.proc = subprocess.Popen(
+                args,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                **self._popen_kwargs(),
+            )  # type: ignore[arg-type]
+        finally:
+            logf.close()
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise ServiceStartError(
+                    f"postgres exited at start (code {self.proc.returncode}); see {log_path}:\n{_tail(log_path)}"
+                )
+            ready = subprocess.run(
+                [
+                    str(self.bin_dir / "pg_isready"),
+                    "-q",
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(self.port),
+                    "-U",
+                    "chatd",
+                    "-d",
+                    "postgres",
+                ],
+                capture_output=True,
+                timeout=10,
+            )
+            if ready.returncode == 0:
+                break
+            if time.monotonic() > deadline:
+                self.stop("immediate")
+                raise ServiceStartError(
+                    f"postgres did not become ready within {self.start_timeout}s; see {log_path}"
+                )
+            time.sleep(0.05)
+        self._ensure_database()
+
+    def _ensure_database(self) -> None:
+        env = {**os.environ, "PGPASSWORD": self.password}
+        psql = self.bin_dir / "psql"
+        if not psql.is_file():
+            psql = Path(shutil.which("psql") or "psql")
+        base = [
+            str(psql),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-U",
+            "chatd",
+            "-d",
+            "postgres",
+            "-tAc",
+        ]
+        exists = subprocess.run(
+            [*base, "SELECT 1 FROM pg_database WHERE datname = 'chatd'"],
+            capture_output=True,
+            env=env,
+            timeout=30,
+        )
+        if exists.returncode != 0:
+            raise ServiceStartError(
+                f"cannot query embedded postgres: {exists.stderr.decode(errors='replace')}"
+            )
+        if exists.stdout.strip() != b"1":
+            created = subprocess.run(
+                [*base, "CREATE DATABASE chatd"], capture_output=True, env=env, timeout=30
+            )
+            if created.returncode != 0:
+                raise ServiceStartError(
+                    f"cannot create database chatd: {created.stderr.decode(errors='replace')}"
+                )
+
+    def stop(self, mode: str = "fast", timeout: float = 30.0) -> None:
+        """Stop: ``smart``/``fast`` (clean) or ``immediate`` (crash-like, recovers on start)."""
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = None
+            return
+        sig = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}[mode]
+        self.resume()
+        self.proc.send_signal(sig)
+        _wait(self.proc, timeout)
+        self.proc = None
+
+    def pause(self) -> None:
+        """SIGSTOP the postmaster and its children: a hang, not an error."""
+        self._signal_group(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal_group(signal.SIGCONT)
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+
+
+class RedisServer:
+    """A Redis with no persistence (it holds no truth) run as a child process."""
+
+    def __init__(self, data_dir: Path, *, binary: Path, start_timeout: float = 10.0) -> None:
+        self.data_dir = data_dir.resolve() / "redis"
+        self.binary = binary
+        self.start_timeout = start_timeout
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._password = secrets.token_urlsafe(24)
+
+    @property
+    def url(self) -> str:
+        return f"redis://:{quote(self._password, safe='')}@127.0.0.1:{self.port}/0"
+
+    def start(self, port: int | None = None) -> None:
+        """Start (fresh and empty every time); ``port`` reuses a previous port."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        conf = self.data_dir / "redis.conf"
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(
+                f'port {self.port}\nbind 127.0.0.1\nsave ""\nappendonly no\n'
+                f"dir {self.data_dir}\nlogfile {self.data_dir / 'redis.log'}\n"
+                f"requirepass {self._password}\ndaemonize no\n"
+            )
+        self.proc = subprocess.Popen(
+            [str(self.binary), str(conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + self.start_timeout
+        while not self._ping():
+            if self.proc.poll() is not None:
+                raise ServiceStartError(
+                    f"redis-server exited at start (code {self.proc.returncode}); see {self.data_dir / 'redis.log'}"
+                )
+            if time.monotonic() > deadline:
+                self.kill()
+                raise ServiceStartError(f"redis-server did not answer within {self.start_timeout}s")
+            time.sleep(0.02)
+
+    def _ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                s.sendall(f"AUTH {self._password}\r\nPING\r\n".encode())
+                data = b""
+                while data.count(b"\r\n") < 2:
+                    chunk = s.recv(256)
+                    if not chunk:
+                        return False
+                    data += chunk
+                return b"+PONG" in data
+        except OSError:
+            return False
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = None
+            return
+        self.resume()
+        self.proc.terminate()
+        _wait(self.proc, timeout)
+        self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL: Redis and everything in it is gone."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.proc = None
+
+    def pause(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class EmbeddedServices:
+    """Context manager: start what the config lacks a DSN for; yields the completed config."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.postgres: PostgresServer | None = None
+        self.redis: RedisServer | None = None
+
+    def __enter__(self) -> Config:
+        cfg = self.config
+        data_dir = Path(cfg.embedded.data_dir)
+        try:
+            if not cfg.postgres.dsn:
+                self.postgres = PostgresServer(
+                    data_dir,
+                    bin_dir=find_pg_bin(cfg.embedded.pg_bin_dir),
+                    run_as=_pg_run_user(cfg.embedded.pg_user),
+                    start_timeout=cfg.embedded.start_timeout,
+                )
+                self.postgres.start()
+                log.info(
+                    "embedded PostgreSQL on 127.0.0.1:%d (data in %s)",
+                    self.postgres.port,
+                    self.postgres.pgdata,
+                )
+            if not cfg.redis.url:
+                self.redis = RedisServer(
+                    data_dir, binary=find_redis_server(cfg.embedded.redis_server)
+                )
+                self.redis.start()
+                log.info("embedded Redis on 127.0.0.1:%d", self.redis.port)
+        except BaseException:
+            self._stop()
+            raise
+        return cfg.with_dsns(
+            postgres=self.postgres.dsn if self.postgres else None,
+            redis=self.redis.url if self.redis else None,
+        )
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._stop()
+
+    def _stop(self) -> None:
+        if self.redis is not None:
+            self.redis.stop()
+        if self.postgres is not None:
+            self.postgres.stop("fast")

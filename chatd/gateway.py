@@ -1,0 +1,132 @@
+"""The one crossing from Trio into asyncio (asyncpg and redis live there).
+
+Every Postgres and Redis call goes through :class:`Gateway`, which
+
+* checks the chaos gate of each component the call touches,
+* applies a Trio deadline, so nothing waits forever,
+* maps asyncpg/redis/OS errors to :class:`~chatd.errors.StoreUnavailable`,
+  :class:`~chatd.errors.BusUnavailable` or :class:`~chatd.errors.StoreError`.
+
+Callers pass an asyncio-side coroutine function that does a whole batch of
+work; one crossing costs ~36 us, so hot loops stay on the asyncio side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import asyncpg
+import redis.exceptions
+import trio
+import trio_asyncio
+
+from chatd.chaos import Chaos
+from chatd.errors import BusUnavailable, StoreError, StoreUnavailable, Unavailable
+
+log = logging.getLogger("chatd.gateway")
+
+T = TypeVar("T")
+
+# SQLSTATE classes that mean "not now", not "never": connection exceptions,
+# insufficient resources, operator intervention (shutdown, starting up),
+# transaction rollback (serialization failure, deadlock), system errors.
+_TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "57", "40", "58")
+_TRANSIENT_SQLSTATES = ("55P03", "55006")  # lock_not_available, object_in_use
+
+
+def _map_error(exc: Exception, components: tuple[str, ...]) -> Exception | None:
+    """Translate a driver exception into chatd's own; None if it is not a driver error."""
+    if isinstance(exc, Unavailable | StoreError):
+        return exc
+    if isinstance(exc, asyncpg.PostgresError):
+        state = getattr(exc, "sqlstate", "") or ""
+        if state[:2] in _TRANSIENT_SQLSTATE_CLASSES or state in _TRANSIENT_SQLSTATES:
+            return StoreUnavailable(f"postgres: {type(exc).__name__}: {exc}")
+        return StoreError(f"postgres: {type(exc).__name__} ({state}): {exc}")
+    if isinstance(exc, asyncpg.InterfaceError | asyncpg.exceptions.InternalClientError):
+        return StoreUnavailable(f"postgres: {type(exc).__name__}: {exc}")
+    if isinstance(exc, redis.exceptions.RedisError):
+        return BusUnavailable(f"redis: {type(exc).__name__}: {exc}")
+    if isinstance(exc, OSError | asyncio.TimeoutError | EOFError):
+        cls = BusUnavailable if components[0] == "redis" else StoreUnavailable
+        return cls(f"{components[0]}: {type(exc).__name__}: {exc}")
+    return None
+
+
+class Gateway:
+    """Runs asyncio-side coroutine functions from Trio with deadlines and chaos gates."""
+
+    def __init__(self, chaos: Chaos, *, postgres_timeout: float, redis_timeout: float) -> None:
+        self.chaos = chaos
+        self._timeouts = {"postgres": postgres_timeout, "redis": redis_timeout}
+        #: Calls and failures per component, for the status op.
+        self.calls: Counter[str] = Counter()
+        self.failures: Counter[str] = Counter()
+        self.last_error: dict[str, str] = {}
+
+    async def postgres(
+        self, fn: Callable[..., Awaitable[T]], *args: Any, deadline: float | None = None
+    ) -> T:
+        """Run ``fn(*args)`` on the asyncio side as a Postgres call."""
+        return await self._call(("postgres",), fn, args, deadline)
+
+    async def redis(
+        self, fn: Callable[..., Awaitable[T]], *args: Any, deadline: float | None = None
+    ) -> T:
+        """Run ``fn(*args)`` on the asyncio side as a Redis call."""
+        return await self._call(("redis",), fn, args, deadline)
+
+    async def postgres_and_redis(
+        self, fn: Callable[..., Awaitable[T]], *args: Any, deadline: float | None = None
+    ) -> T:
+        """Run a call that touches both (the relay's claim-publish-delete batch)."""
+        return await self._call(("postgres", "redis"), fn, args, deadline)
+
+    async def _call(
+        self,
+        components: tuple[str, ...],
+        fn: Callable[..., Awaitable[T]],
+        args: tuple[Any, ...],
+        deadline: float | None,
+    ) -> T:
+        if deadline is None:
+            deadline = max(self._timeouts[c] for c in components)
+        for component in components:
+            self.calls[component] += 1
+        try:
+            for component in components:
+                self.chaos.check(component)
+            with trio.fail_after(deadline):
+                return await trio_asyncio.aio_as_trio(fn)(*args)
+        except trio.TooSlowError:
+            cls = StoreUnavailable if components[0] == "postgres" else BusUnavailable
+            err: Exception = cls(f"{'+'.join(components)}: no answer within {deadline:g}s")
+            self._record(err)
+            raise err from None
+        except Exception as exc:
+            mapped = _map_error(exc, components)
+            if mapped is None:
+                raise
+            self._record(mapped)
+            if mapped is exc:
+                raise
+            raise mapped from exc
+
+    def _record(self, err: Exception) -> None:
+        component = getattr(err, "component", "postgres")
+        self.failures[component] += 1
+        self.last_error[component] = str(err)
+
+
+@asynccontextmanager
+async def open_gateway(
+    chaos: Chaos, *, postgres_timeout: float, redis_timeout: float
+) -> AsyncIterator[Gateway]:
+    """Open the asyncio bridge (a trio-asyncio loop) for the lifetime of the server."""
+    async with trio_asyncio.open_loop():
+        yield Gateway(chaos, postgres_timeout=postgres_timeout, redis_timeout=redis_timeout)

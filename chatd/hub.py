@@ -1,0 +1,324 @@
+"""The hub: this process's fan-out from Redis to its local subscribers.
+
+One reader task pumps the process's single pub/sub connection and routes each
+event to the conversation's *feed*. A feed is a task (owned by the hub's
+nursery) that lives while the conversation has local subscribers and handles,
+strictly in order: joins (load the snapshot, then go live), live events, and
+resyncs. Each subscription keeps ``last``, the highest seq it has been sent;
+a live event is delivered only as ``last + 1``. Since Redis pub/sub is
+at-most-once, a jump in seq is a gap: the feed reads the missing messages
+from Postgres first. Every (re)subscription confirmed by Redis also triggers
+a resync, closing the window between "subscribed" and "live".
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+import trio
+
+from chatd.bus import Bus
+from chatd.errors import StoreUnavailable, Unavailable
+from chatd.protocol import encode, error_frame
+from chatd.store import Store, message_event
+
+log = logging.getLogger("chatd.hub")
+
+_FILL_PAGE = 500
+_FEED_QUEUE = 4096
+_JOIN_READY_WAIT = 1.0
+
+
+class Subscriber(Protocol):
+    """What a feed needs from a client connection."""
+
+    id: int
+    user: str
+
+    def deliver(self, text: str) -> bool:
+        """Queue one frame without blocking; False if the client was dropped as too slow."""
+        ...
+
+
+@dataclass
+class _Sub:
+    client: Subscriber
+    last: int
+
+
+@dataclass
+class _Join:
+    client: Subscriber
+    after: int | None
+    ref: Any
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Leave:
+    client_id: int
+
+
+@dataclass
+class _Event:
+    seq: int
+    text: str
+
+
+@dataclass
+class _Ephemeral:
+    user: str | None
+    text: str
+
+
+class _Resync:
+    pass
+
+
+class Feed:
+    """All local subscribers of one conversation."""
+
+    def __init__(self, hub: Hub, conv: str) -> None:
+        self.hub = hub
+        self.conv = conv
+        self.subs: dict[int, _Sub] = {}
+        self.members = 0
+        self.ready = trio.Event()
+        self.needs_resync = False
+        self.send, self.receive = trio.open_memory_channel[Any](_FEED_QUEUE)
+
+    def put(self, item: Any) -> None:
+        try:
+            self.send.send_nowait(item)
+        except trio.WouldBlock:
+            # Never block the reader on one busy feed: Postgres has every message.
+            self.needs_resync = True
+        except trio.ClosedResourceError:
+            pass
+
+    async def run(self) -> None:
+        retry = 0.05
+        async with self.receive:
+            while True:
+                timeout = retry if self.needs_resync else math.inf
+                with trio.move_on_after(timeout):
+                    try:
+                        item = await self.receive.receive()
+                    except trio.EndOfChannel:
+                        return
+                    await self._handle(item)
+                if self.needs_resync:
+                    if await self._resync():
+                        retry = 0.05
+                    else:
+                        retry = min(retry * 2, 2.0)
+
+    async def _handle(self, item: Any) -> None:
+        if isinstance(item, _Event):
+            await self._on_event(item)
+        elif isinstance(item, _Join):
+            await self._on_join(item)
+        elif isinstance(item, _Leave):
+            self.subs.pop(item.client_id, None)
+        elif isinstance(item, _Ephemeral):
+            for sub in list(self.subs.values()):
+                if sub.client.user != item.user:
+                    sub.client.deliver(item.text)
+        elif isinstance(item, _Resync):
+            self.needs_resync = True
+
+    async def _on_join(self, join: _Join) -> None:
+        # Read the snapshot only once the Redis subscription is live, so that
+        # any message missing from the snapshot is published after it.
+        with trio.move_on_after(_JOIN_READY_WAIT):
+            await self.ready.wait()
+        try:
+            snap = await self.hub.store.snapshot(self.conv, join.after)
+        except Unavailable as exc:
+            join.client.deliver(
+                encode(
+                    error_frame(
+                        "unavailable",
+                        f"cannot load conversation: {exc.message}",
+                        join.ref,
+                        retryable=True,
+                        conv=self.conv,
+                    )
+                )
+            )
+            self.hub.forget(join.client, self.conv)
+            return
+        frame: dict[str, Any] = {
+            "type": "snapshot",
+            "conv": self.conv,
+            "messages": snap.messages,
+            "head": snap.head,
+            "recovered": snap.recovered,
+            **join.extra,
+        }
+        if join.ref is not None:
+            frame["ref"] = join.ref
+        if join.client.deliver(encode(frame)):
+            self.subs[join.client.id] = _Sub(join.client, snap.head)
+
+    async def _on_event(self, ev: _Event) -> None:
+        behind = [s for s in self.subs.values() if s.last < ev.seq]
+        if not behind:
+            return
+        low = min(s.last for s in behind)
+        batch: list[tuple[int, str]] = []
+        if low < ev.seq - 1:
+            try:
+                missing = await self._read_range(low, ev.seq - 1)
+            except Unavailable as exc:
+                log.warning("gap fill for %s failed, will resync: %s", self.conv, exc)
+                self.needs_resync = True
+                return
+            self.hub.gap_fills += 1
+            batch = [(m["seq"], encode(message_event(self.conv, m))) for m in missing]
+        batch.append((ev.seq, ev.text))
+        self._deliver(behind, batch)
+
+    async def _read_range(self, after: int, upto: int) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        while after < upto:
+            page = await self.hub.store.after(self.conv, after, min(_FILL_PAGE, upto - after))
+            if not page:
+                break
+            out.extend(page)
+            after = page[-1]["seq"]
+        return out
+
+    def _deliver(self, subs: list[_Sub], batch: list[tuple[int, str]]) -> None:
+        for sub in subs:
+            for seq, text in batch:
+                if seq == sub.last + 1:
+                    if not sub.client.deliver(text):
+                        self.subs.pop(sub.client.id, None)
+                        break
+                    sub.last = seq
+
+    async def _resync(self) -> bool:
+        """Deliver everything committed beyond each subscriber's cursor."""
+        self.needs_resync = False
+        while self.subs:
+            low = min(s.last for s in self.subs.values())
+            try:
+                page = await self.hub.store.after(self.conv, low, _FILL_PAGE)
+            except StoreUnavailable as exc:
+                log.warning("resync of %s failed, retrying: %s", self.conv, exc)
+                self.needs_resync = True
+                return False
+            if not page:
+                return True
+            self._deliver(
+                list(self.subs.values()),
+                [(m["seq"], encode(message_event(self.conv, m))) for m in page],
+            )
+            if len(page) < _FILL_PAGE:
+                return True
+        return True
+
+
+class Hub:
+    """Routes Redis events to feeds; owned by the server's nursery."""
+
+    def __init__(self, store: Store, bus: Bus) -> None:
+        self.store = store
+        self.bus = bus
+        self.feeds: dict[str, Feed] = {}
+        self._nursery: trio.Nursery | None = None
+        self.bus_healthy = False
+        self.gap_fills = 0
+        self.events = 0
+        #: Hooks for other lanes (streams) that carry their own event types.
+        self.ephemeral_filters: list[Callable[[str, dict[str, Any]], None]] = []
+
+    async def run(self, *, task_status: trio.TaskStatus[Hub] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._read_loop)
+            task_status.started(self)
+
+    # -- membership -------------------------------------------------------
+
+    def join(
+        self, client: Subscriber, conv: str, after: int | None, ref: Any, **extra: Any
+    ) -> None:
+        """Subscribe ``client``: it gets a snapshot (or an error), then live events."""
+        feed = self.feeds.get(conv)
+        if feed is None:
+            assert self._nursery is not None, "hub is not running"
+            feed = Feed(self, conv)
+            self.feeds[conv] = feed
+            self.bus.wanted.add(conv)
+            self._nursery.start_soon(feed.run)
+        feed.members += 1
+        feed.put(_Join(client, after, ref, extra))
+
+    def forget(self, client: Subscriber, conv: str) -> None:
+        """Unsubscribe ``client`` (idempotent per successful join)."""
+        feed = self.feeds.get(conv)
+        if feed is None:
+            return
+        feed.put(_Leave(client.id))
+        feed.members -= 1
+        if feed.members <= 0:
+            del self.feeds[conv]
+            self.bus.wanted.discard(conv)
+            feed.send.close()
+
+    def publish_local(self, conv: str, text: str, user: str | None) -> None:
+        """Deliver an ephemeral frame to this process's subscribers of ``conv``."""
+        feed = self.feeds.get(conv)
+        if feed is not None:
+            feed.put(_Ephemeral(user, text))
+
+    # -- the Redis reader -------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        backoff = 0.05
+        while True:
+            try:
+                batch = await self.bus.pump(wait=1.0)
+            except Unavailable as exc:
+                if self.bus_healthy:
+                    log.warning("pub/sub lost, live fan-out paused: %s", exc)
+                self.bus_healthy = False
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            if not self.bus_healthy:
+                log.info("pub/sub connected")
+                # Anything published while we were away is in Postgres.
+                for feed in self.feeds.values():
+                    feed.put(_Resync())
+            self.bus_healthy = True
+            backoff = 0.05
+            for msg in batch:
+                self._route(msg.kind, msg.conv, msg.data)
+
+    def _route(self, kind: str, conv: str, data: str) -> None:
+        feed = self.feeds.get(conv)
+        if feed is None:
+            return
+        if kind == "subscribe":
+            feed.ready.set()
+            feed.put(_Resync())
+            return
+        self.events += 1
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            log.warning("dropping undecodable event on %s", conv)
+            return
+        if obj.get("type") == "message" and isinstance(obj.get("seq"), int):
+            feed.put(_Event(obj["seq"], data))
+        else:
+            user = obj.pop("_from", None)
+            feed.put(_Ephemeral(user, encode(obj) if user is not None else data))

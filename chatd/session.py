@@ -1,0 +1,245 @@
+"""One WebSocket client's session: hello, the op loop and a bounded send queue.
+
+The reader never waits on other clients: sends go to the group committer and
+are acknowledged from its callback, subscriptions are handled by the hub's
+feeds. Frames to the client go through a queue bounded in frames and bytes;
+a client that lets it fill is disconnected with close code 4008.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from chatd.errors import ChatdError, Unavailable
+from chatd.protocol import (
+    CLOSE_GOING_AWAY,
+    CLOSE_HELLO_TIMEOUT,
+    CLOSE_SLOW_CONSUMER,
+    PROTOCOL_VERSION,
+    Limits,
+    ProtocolError,
+    Request,
+    encode,
+    error_frame,
+    parse,
+)
+from chatd.store import Committed, NewMessage
+
+if TYPE_CHECKING:
+    from chatd.server import Server
+
+log = logging.getLogger("chatd.session")
+
+_ids = itertools.count(1)
+
+
+class Session:
+    """A connected client. Implements the hub's ``Subscriber`` protocol."""
+
+    def __init__(self, server: Server, ws: WebSocketConnection) -> None:
+        self.server = server
+        self.ws = ws
+        self.id = next(_ids)
+        self.user = ""
+        self.subscriptions: set[str] = set()
+        cfg = server.config.server
+        self._limits = Limits(cfg.max_text_chars, server.config.store.history_max)
+        self._queue: deque[str] = deque()
+        self._queued_bytes = 0
+        self._max_frames = cfg.send_queue_frames
+        self._max_bytes = cfg.send_queue_bytes
+        self._wakeup = trio.Event()
+        self._inflight = trio.Semaphore(cfg.max_inflight_sends)
+        self._typing_busy = False
+        self._close_code: int | None = None
+        self._close_reason = ""
+        self._scope: trio.CancelScope | None = None
+
+    # -- outbound ---------------------------------------------------------
+
+    def deliver(self, text: str) -> bool:
+        """Queue a frame for the client without blocking."""
+        if self._close_code is not None:
+            return False
+        size = len(text)
+        if len(self._queue) >= self._max_frames or self._queued_bytes + size > self._max_bytes:
+            self._drop(
+                CLOSE_SLOW_CONSUMER,
+                "slow consumer: send queue full; reconnect and resume with 'after'",
+            )
+            self.server.slow_disconnects += 1
+            return False
+        self._queue.append(text)
+        self._queued_bytes += size
+        self._wakeup.set()
+        return True
+
+    def reply(self, frame: dict[str, Any], ref: Any = None) -> None:
+        if ref is not None:
+            frame["ref"] = ref
+        self.deliver(encode(frame))
+
+    def _drop(self, code: int, reason: str) -> None:
+        if self._close_code is None:
+            self._close_code, self._close_reason = code, reason
+            if self._scope is not None:
+                self._scope.cancel()
+
+    async def _writer(self) -> None:
+        while True:
+            while self._queue:
+                text = self._queue.popleft()
+                self._queued_bytes -= len(text)
+                await self.ws.send_message(text)
+            self._wakeup = trio.Event()
+            if self._queue:
+                continue
+            await self._wakeup.wait()
+
+    # -- lifecycle --------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the client until it leaves, misbehaves or the server stops."""
+        try:
+            with trio.CancelScope() as self._scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._writer)
+                    await self._reader(nursery)
+                    nursery.cancel_scope.cancel()
+        except* ConnectionClosed:
+            pass  # the client went away; nothing to answer
+        finally:
+            for conv in list(self.subscriptions):
+                self.server.hub.forget(self, conv)
+            self.subscriptions.clear()
+            if self.ws.closed is None:
+                # Our own close (slow consumer, hello timeout) or server shutdown.
+                code = self._close_code or CLOSE_GOING_AWAY
+                reason = self._close_reason or "server shutting down"
+                with trio.move_on_after(1.0, shield=True):
+                    await self.ws.aclose(code, reason)
+
+    async def _reader(self, nursery: trio.Nursery) -> None:
+        with trio.move_on_after(self.server.config.server.hello_timeout) as hello_scope:
+            while not self.user:
+                await self._handle_frame(await self.ws.get_message(), nursery)
+        if hello_scope.cancelled_caught:
+            self._drop(CLOSE_HELLO_TIMEOUT, "no hello received in time")
+            return
+        while True:
+            await self._handle_frame(await self.ws.get_message(), nursery)
+
+    # -- ops --------------------------------------------------------------
+
+    async def _handle_frame(self, data: str | bytes, nursery: trio.Nursery) -> None:
+        ref = None
+        try:
+            req = parse(data, self._limits)
+            ref = req.ref
+            if not self.user and req.op != "hello":
+                raise ProtocolError("not_authenticated", "send hello first", ref)
+            await getattr(self, f"_op_{req.op}")(req, nursery)
+        except ProtocolError as exc:
+            self.reply(error_frame(exc.code, exc.message), exc.ref if exc.ref is not None else ref)
+        except Unavailable as exc:
+            self.reply(error_frame("unavailable", exc.message, retryable=True), ref)
+
+    async def _op_hello(self, req: Request, nursery: trio.Nursery) -> None:
+        if self.user:
+            raise ProtocolError(
+                "already_authenticated", f"already said hello as {self.user!r}", req.ref
+            )
+        self.user = self.server.authenticate(req)
+        self.reply({"type": "welcome", "user": self.user, "protocol": PROTOCOL_VERSION}, req.ref)
+
+    async def _op_ping(self, req: Request, nursery: trio.Nursery) -> None:
+        self.reply({"type": "pong"}, req.ref)
+
+    async def _op_subscribe(self, req: Request, nursery: trio.Nursery) -> None:
+        conv = req["conv"]
+        if conv in self.subscriptions:
+            raise ProtocolError(
+                "already_subscribed", f"already subscribed to {conv!r}; unsubscribe first", req.ref
+            )
+        if len(self.subscriptions) >= self.server.config.server.max_subscriptions:
+            raise ProtocolError(
+                "too_many_subscriptions",
+                f"at most {self.server.config.server.max_subscriptions} subscriptions per connection",
+                req.ref,
+            )
+        self.subscriptions.add(conv)
+        self.server.hub.join(self, conv, req.get("after"), req.ref)
+
+    async def _op_unsubscribe(self, req: Request, nursery: trio.Nursery) -> None:
+        conv = req["conv"]
+        if conv not in self.subscriptions:
+            raise ProtocolError("not_subscribed", f"not subscribed to {conv!r}", req.ref)
+        self.subscriptions.discard(conv)
+        self.server.hub.forget(self, conv)
+        self.reply({"type": "unsubscribed", "conv": conv}, req.ref)
+
+    async def _op_send(self, req: Request, nursery: trio.Nursery) -> None:
+        conv, client_id, ref = req["conv"], req["id"], req.ref
+        await self._inflight.acquire()
+
+        def on_done(result: Committed | ChatdError) -> None:
+            self._inflight.release()
+            if isinstance(result, Committed):
+                frame: dict[str, Any] = {
+                    "type": "ack",
+                    "conv": conv,
+                    "id": client_id,
+                    "seq": result.seq,
+                }
+                if result.duplicate:
+                    frame["duplicate"] = True
+                self.reply(frame, ref)
+            elif isinstance(result, Unavailable):
+                self.reply(
+                    error_frame(
+                        "unavailable", result.message, retryable=True, conv=conv, id=client_id
+                    ),
+                    ref,
+                )
+            else:
+                self.reply(
+                    error_frame(
+                        "internal", "the message could not be stored", conv=conv, id=client_id
+                    ),
+                    ref,
+                )
+
+        await self.server.store.submit(NewMessage(conv, client_id, self.user, req["text"]), on_done)
+
+    async def _op_history(self, req: Request, nursery: trio.Nursery) -> None:
+        conv, limit = req["conv"], req["limit"]
+        messages = await self.server.store.history(conv, req.get("before"), limit + 1)
+        more = len(messages) > limit
+        messages = messages[-limit:] if more else messages
+        self.reply({"type": "history", "conv": conv, "messages": messages, "more": more}, req.ref)
+
+    async def _op_typing(self, req: Request, nursery: trio.Nursery) -> None:
+        # Ephemeral and best-effort: at most one publish in flight per client.
+        if not self._typing_busy:
+            self._typing_busy = True
+            nursery.start_soon(self._publish_typing, req["conv"])
+
+    async def _publish_typing(self, conv: str) -> None:
+        try:
+            await self.server.bus.publish(
+                conv,
+                encode({"type": "typing", "conv": conv, "user": self.user, "_from": self.user}),
+            )
+        except Unavailable as exc:
+            log.debug("typing for %s dropped: %s", conv, exc)
+        finally:
+            self._typing_busy = False
+
+    async def _op_status(self, req: Request, nursery: trio.Nursery) -> None:
+        self.reply({"type": "status", **(await self.server.status())}, req.ref)

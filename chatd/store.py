@@ -1,0 +1,417 @@
+"""The store: Postgres, the source of truth.
+
+Writes go through one group committer: sends arriving while a commit is in
+flight (or within ``group_commit_window_ms``) are committed together in one
+transaction, each still answered individually. Per conversation, the
+``conversations`` row is locked inside that transaction and seqs are assigned
+from its ``head``, so they are gapless and strictly increasing. Each message
+row and its outbox row land in the same transaction.
+
+Functions prefixed ``_aio_`` run on the asyncio side, called via the gateway.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import orjson
+import trio
+
+from chatd import schema
+from chatd.config import Config
+from chatd.errors import ChatdError, StoreError, StoreUnavailable
+from chatd.gateway import Gateway
+
+log = logging.getLogger("chatd.store")
+
+NOTIFY_CHANNEL = "chatd_outbox"
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    """A message to commit. ``client_id`` is the idempotency key within ``conv``."""
+
+    conv: str
+    client_id: str
+    user: str
+    text: str
+    role: str = "user"
+    status: str = "complete"
+
+
+@dataclass(frozen=True)
+class Committed:
+    """The outcome of one send: its seq, and whether it had been committed before."""
+
+    conv: str
+    client_id: str
+    seq: int
+    duplicate: bool
+    message: dict[str, Any]
+
+
+@dataclass
+class _Pending:
+    msg: NewMessage
+    on_done: Callable[[Committed | ChatdError], None]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    messages: list[dict[str, Any]]
+    head: int
+    #: False when the client's cursor was too far behind to recover in one
+    #: snapshot: ``messages`` then holds only the latest ones.
+    recovered: bool
+
+
+def message_dict(row: asyncpg.Record | dict[str, Any]) -> dict[str, Any]:
+    """A message as it appears on the wire (without ``type``/``conv``)."""
+    created = row["created_at"]
+    return {
+        "seq": row["seq"],
+        "id": row["client_id"],
+        "user": row["user_id"],
+        "role": row["role"],
+        "status": row["status"],
+        "text": row["body"],
+        "ts": int(created.timestamp() * 1000),
+    }
+
+
+def message_event(conv: str, message: dict[str, Any]) -> dict[str, Any]:
+    """The live ``message`` event for one committed message."""
+    return {"type": "message", "conv": conv, **message}
+
+
+_COLUMNS = "seq, client_id, user_id, role, status, body, created_at"
+
+
+async def _aio_create_pool(config: Config) -> asyncpg.Pool:
+    pg = config.postgres
+    return await asyncpg.create_pool(
+        pg.dsn,
+        min_size=pg.pool_min,
+        max_size=pg.pool_max,
+        timeout=pg.connect_timeout,
+        command_timeout=pg.command_timeout,
+        # Idle connections are recycled so a restarted server is rediscovered quickly.
+        max_inactive_connection_lifetime=60.0,
+    )
+
+
+async def _aio_commit_batch(pool: asyncpg.Pool, msgs: list[NewMessage]) -> list[Committed]:
+    async with pool.acquire() as con, con.transaction():
+        convs = sorted({m.conv for m in msgs})
+        # Lock conversations in a fixed order so concurrent batches cannot deadlock.
+        await con.execute(
+            "INSERT INTO conversations (id) SELECT c FROM unnest($1::text[]) AS c ORDER BY c "
+            "ON CONFLICT DO NOTHING",
+            convs,
+        )
+        rows = await con.fetch(
+            "SELECT id, head, now() AS now FROM conversations WHERE id = ANY($1::text[]) "
+            "ORDER BY id FOR UPDATE",
+            convs,
+        )
+        heads = {r["id"]: r["head"] for r in rows}
+        now = rows[0]["now"]
+        # Under the row locks, earlier commits of these ids are visible and final.
+        existing = await con.fetch(
+            f"SELECT m.conv_id, {_COLUMNS} FROM messages m "
+            "JOIN unnest($1::text[], $2::text[]) AS k(conv_id, client_id) "
+            "USING (conv_id, client_id)",
+            [m.conv for m in msgs],
+            [m.client_id for m in msgs],
+        )
+        known: dict[tuple[str, str], Committed] = {}
+        for r in existing:
+            msg = message_dict(r)
+            known[(r["conv_id"], r["client_id"])] = Committed(
+                r["conv_id"], r["client_id"], r["seq"], True, msg
+            )
+        results: list[Committed] = []
+        new_rows: list[tuple[Any, ...]] = []
+        outbox: list[tuple[str, int, str]] = []
+        ts = int(now.timestamp() * 1000)
+        for m in msgs:
+            key = (m.conv, m.client_id)
+            if key in known:
+                prior = known[key]
+                results.append(Committed(m.conv, m.client_id, prior.seq, True, prior.message))
+                continue
+            seq = heads[m.conv] + 1
+            heads[m.conv] = seq
+            message = {
+                "seq": seq,
+                "id": m.client_id,
+                "user": m.user,
+                "role": m.role,
+                "status": m.status,
+                "text": m.text,
+                "ts": ts,
+            }
+            committed = Committed(m.conv, m.client_id, seq, False, message)
+            known[key] = committed
+            results.append(committed)
+            new_rows.append((m.conv, seq, m.client_id, m.user, m.role, m.status, m.text))
+            outbox.append((m.conv, seq, orjson.dumps(message_event(m.conv, message)).decode()))
+        if new_rows:
+            cols = list(zip(*new_rows, strict=True))
+            await con.execute(
+                "INSERT INTO messages (conv_id, seq, client_id, user_id, role, status, body, created_at) "
+                "SELECT c, s, i, u, r, st, b, $8 FROM unnest($1::text[], $2::bigint[], $3::text[], "
+                "$4::text[], $5::text[], $6::text[], $7::text[]) AS t(c, s, i, u, r, st, b)",
+                *cols,
+                now,
+            )
+            ocols = list(zip(*outbox, strict=True))
+            await con.execute(
+                "INSERT INTO outbox (conv_id, seq, payload) "
+                "SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[])",
+                *ocols,
+            )
+            changed = sorted({row[0] for row in new_rows})
+            await con.execute(
+                "UPDATE conversations c SET head = v.head "
+                "FROM unnest($1::text[], $2::bigint[]) AS v(id, head) WHERE c.id = v.id",
+                changed,
+                [heads[c] for c in changed],
+            )
+            # Delivered at commit: wakes every relay without waiting for its poll.
+            await con.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
+        return results
+
+
+async def _aio_snapshot(
+    pool: asyncpg.Pool, conv: str, after: int | None, limit: int, max_catchup: int
+) -> Snapshot:
+    async with pool.acquire() as con, con.transaction(isolation="repeatable_read", readonly=True):
+        head = await con.fetchval("SELECT head FROM conversations WHERE id = $1", conv) or 0
+        if after is not None and head - after <= max_catchup:
+            rows = await con.fetch(
+                f"SELECT {_COLUMNS} FROM messages WHERE conv_id = $1 AND seq > $2 ORDER BY seq",
+                conv,
+                after,
+            )
+            return Snapshot([message_dict(r) for r in rows], head, True)
+        rows = await con.fetch(
+            f"SELECT {_COLUMNS} FROM messages WHERE conv_id = $1 ORDER BY seq DESC LIMIT $2",
+            conv,
+            limit,
+        )
+        messages = [message_dict(r) for r in reversed(rows)]
+        return Snapshot(messages, head, after is None)
+
+
+async def _aio_after(pool: asyncpg.Pool, conv: str, after: int, limit: int) -> list[dict[str, Any]]:
+    rows = await pool.fetch(
+        f"SELECT {_COLUMNS} FROM messages WHERE conv_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+        conv,
+        after,
+        limit,
+    )
+    return [message_dict(r) for r in rows]
+
+
+async def _aio_history(
+    pool: asyncpg.Pool, conv: str, before: int | None, limit: int
+) -> list[dict[str, Any]]:
+    rows = await pool.fetch(
+        f"SELECT {_COLUMNS} FROM messages WHERE conv_id = $1 AND seq < $2 "
+        "ORDER BY seq DESC LIMIT $3",
+        conv,
+        before if before is not None else 2**62,
+        limit,
+    )
+    return [message_dict(r) for r in reversed(rows)]
+
+
+async def _aio_stats(pool: asyncpg.Pool) -> dict[str, Any]:
+    row = await pool.fetchrow(
+        "SELECT count(*) AS outbox, "
+        "coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest "
+        "FROM outbox"
+    )
+    return {"outbox_rows": row["outbox"], "outbox_oldest_s": round(row["oldest"], 3)}
+
+
+async def _aio_close_pool(pool: asyncpg.Pool) -> None:
+    await pool.close()
+
+
+class Store:
+    """Postgres access for the rest of chatd. Every call crosses through the gateway."""
+
+    def __init__(self, gateway: Gateway, pool: asyncpg.Pool, config: Config) -> None:
+        self.gateway = gateway
+        self.pool = pool
+        self.config = config
+        self._send, self._receive = trio.open_memory_channel[_Pending](
+            max(1024, config.store.group_commit_max * 4)
+        )
+        #: Messages committed and batches run, for the status op and benchmarks.
+        self.committed = 0
+        self.batches = 0
+
+    # -- writes -----------------------------------------------------------
+
+    async def submit(
+        self, msg: NewMessage, on_done: Callable[[Committed | ChatdError], None]
+    ) -> None:
+        """Queue ``msg`` for the group committer; ``on_done`` gets the outcome.
+
+        Submission order is commit order: sends queued in order by one caller
+        get increasing seqs within a conversation.
+        """
+        await self._send.send(_Pending(msg, on_done))
+
+    async def send(self, msg: NewMessage) -> Committed:
+        """Commit one message and wait for the outcome (raises on failure)."""
+        done = trio.Event()
+        box: list[Committed | ChatdError] = []
+
+        def _on_done(result: Committed | ChatdError) -> None:
+            box.append(result)
+            done.set()
+
+        await self.submit(msg, _on_done)
+        await done.wait()
+        if isinstance(box[0], ChatdError):
+            raise box[0]
+        return box[0]
+
+    async def run_committer(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """The group commit loop; owned by the server's nursery."""
+        window = self.config.store.group_commit_window_ms / 1000.0
+        limit = self.config.store.group_commit_max
+        task_status.started()
+        try:
+            while True:
+                batch = [await self._receive.receive()]
+                if window > 0:
+                    with trio.move_on_after(window):
+                        while len(batch) < limit:
+                            batch.append(await self._receive.receive())
+                while len(batch) < limit:
+                    try:
+                        batch.append(self._receive.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                # A batch that started committing finishes (bounded) even on shutdown,
+                # so no sender is left without an answer.
+                with trio.move_on_after(self.config.postgres.command_timeout + 1.0, shield=True):
+                    await self._commit(batch)
+        finally:
+            self._fail_queued(StoreUnavailable("server is shutting down"))
+
+    def _fail_queued(self, err: ChatdError) -> None:
+        while True:
+            try:
+                pending = self._receive.receive_nowait()
+            except (trio.WouldBlock, trio.ClosedResourceError, trio.EndOfChannel):
+                return
+            pending.on_done(err)
+
+    async def _commit(self, batch: list[_Pending]) -> None:
+        try:
+            results = await self.gateway.postgres(
+                _aio_commit_batch, self.pool, [p.msg for p in batch]
+            )
+        except StoreUnavailable as exc:
+            log.warning("commit of %d message(s) failed: %s", len(batch), exc)
+            err = StoreUnavailable(
+                f"{exc.message}; the outcome may be unknown: retry with the same id"
+            )
+            for p in batch:
+                p.on_done(err)
+            return
+        except StoreError as exc:
+            if len(batch) > 1:
+                # One bad message must not fail its neighbours: retry them alone.
+                for p in batch:
+                    await self._commit([p])
+                return
+            log.error("commit rejected: %s", exc)
+            batch[0].on_done(exc)
+            return
+        self.batches += 1
+        for p, result in zip(batch, results, strict=True):
+            if not result.duplicate:
+                self.committed += 1
+            p.on_done(result)
+
+    # -- reads ------------------------------------------------------------
+
+    async def snapshot(self, conv: str, after: int | None) -> Snapshot:
+        """Messages after ``after`` (all of them, if at most ``max_catchup``) or the latest N."""
+        cfg = self.config.store
+        return await self.gateway.postgres(
+            _aio_snapshot, self.pool, conv, after, cfg.snapshot_messages, cfg.max_catchup
+        )
+
+    async def after(self, conv: str, after: int, limit: int) -> list[dict[str, Any]]:
+        """Up to ``limit`` messages with seq > ``after``, in seq order."""
+        return await self.gateway.postgres(_aio_after, self.pool, conv, after, limit)
+
+    async def history(self, conv: str, before: int | None, limit: int) -> list[dict[str, Any]]:
+        """Up to ``limit`` messages with seq < ``before``, in seq order."""
+        return await self.gateway.postgres(_aio_history, self.pool, conv, before, limit)
+
+    async def stats(self) -> dict[str, Any]:
+        return await self.gateway.postgres(_aio_stats, self.pool)
+
+
+async def _connect_with_retry(gateway: Gateway, config: Config) -> asyncpg.Pool:
+    # A server that is still starting (or briefly down) is waited for, within a bound.
+    deadline = trio.current_time() + max(config.postgres.connect_timeout, 1.0) * 3
+    delay = 0.1
+    while True:
+        try:
+            return await gateway.postgres(
+                _aio_create_pool, config, deadline=config.postgres.connect_timeout * 2
+            )
+        except StoreUnavailable as exc:
+            if trio.current_time() + delay > deadline:
+                raise StoreUnavailable(f"cannot connect to Postgres: {exc.message}") from exc
+            await trio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
+@asynccontextmanager
+async def open_store(
+    gateway: Gateway, config: Config, *, migrate: bool = True
+) -> AsyncIterator[Store]:
+    """Open the Postgres pool (and apply migrations) for the lifetime of the server."""
+    pool = await _connect_with_retry(gateway, config)
+    try:
+        if migrate:
+            applied = await gateway.postgres(schema.apply, pool, deadline=60.0)
+            if applied:
+                log.info("applied migrations: %s", ", ".join(applied))
+        yield Store(gateway, pool, config)
+    finally:
+        with trio.move_on_after(5.0, shield=True):
+            try:
+                await gateway.postgres(_aio_close_pool, pool, deadline=5.0)
+            except StoreUnavailable as exc:
+                log.warning("Postgres pool did not close cleanly: %s", exc)
+
+
+__all__ = [
+    "Committed",
+    "NewMessage",
+    "Snapshot",
+    "Store",
+    "StoreError",
+    "message_dict",
+    "message_event",
+    "open_store",
+]
