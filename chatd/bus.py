@@ -94,6 +94,7 @@ class Bus:
         #: Conversations local subscribers want; the pump converges Redis to it.
         self.wanted: set[str] = set()
         self._subscribed: set[str] = set()
+        self._broken = False
         self.published = 0
 
     async def publish(self, conv: str, data: str) -> None:
@@ -129,6 +130,27 @@ class Bus:
             self._subscribed -= drop
 
     async def _aio_pump(self, wait: float, limit: int) -> list[BusMessage]:
+        if self._broken:
+            await self._aio_replace_pubsub()
+        try:
+            return await self._aio_read(wait, limit)
+        except BaseException:
+            # Failed or cancelled mid-read: the connection's state is unknown.
+            # Start over with a fresh one next time; every channel is then
+            # re-subscribed and each confirmation triggers a resync.
+            self._broken = True
+            raise
+
+    async def _aio_replace_pubsub(self) -> None:
+        old, self._pubsub = self._pubsub, self.client.pubsub()
+        self._subscribed = set()
+        self._broken = False
+        try:
+            await old.aclose()
+        except Exception as exc:  # the old connection is already dead; closing is best-effort
+            log.debug("closing a failed pub/sub connection: %s", exc)
+
+    async def _aio_read(self, wait: float, limit: int) -> list[BusMessage]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         out: list[BusMessage] = []
@@ -147,8 +169,6 @@ class Bus:
                 continue
             if out or loop.time() >= deadline:
                 return out
-            if self.wanted != self._subscribed:
-                continue
 
 
 @asynccontextmanager

@@ -61,7 +61,12 @@ def _map_error(exc: Exception, components: tuple[str, ...]) -> Exception | None:
 class Gateway:
     """Runs asyncio-side coroutine functions from Trio with deadlines and chaos gates."""
 
-    def __init__(self, chaos: Chaos, *, postgres_timeout: float, redis_timeout: float) -> None:
+    def __init__(
+        self, loop: Any, chaos: Chaos, *, postgres_timeout: float, redis_timeout: float
+    ) -> None:
+        # Bound explicitly so any Trio task in this run (not only children of
+        # serve) can cross, and several servers can share one Trio run.
+        self._loop = loop
         self.chaos = chaos
         self._timeouts = {"postgres": postgres_timeout, "redis": redis_timeout}
         #: Calls and failures per component, for the status op.
@@ -102,7 +107,7 @@ class Gateway:
             for component in components:
                 self.chaos.check(component)
             with trio.fail_after(deadline):
-                return await trio_asyncio.aio_as_trio(fn)(*args)
+                return await trio_asyncio.aio_as_trio(fn, loop=self._loop)(*args)
         except trio.TooSlowError:
             cls = StoreUnavailable if components[0] == "postgres" else BusUnavailable
             err: Exception = cls(f"{'+'.join(components)}: no answer within {deadline:g}s")
@@ -128,5 +133,5 @@ async def open_gateway(
     chaos: Chaos, *, postgres_timeout: float, redis_timeout: float
 ) -> AsyncIterator[Gateway]:
     """Open the asyncio bridge (a trio-asyncio loop) for the lifetime of the server."""
-    async with trio_asyncio.open_loop():
-        yield Gateway(chaos, postgres_timeout=postgres_timeout, redis_timeout=redis_timeout)
+    async with trio_asyncio.open_loop() as loop:
+        yield Gateway(loop, chaos, postgres_timeout=postgres_timeout, redis_timeout=redis_timeout)

@@ -287,6 +287,7 @@ class Hub:
             try:
                 batch = await self.bus.pump(wait=1.0)
             except Unavailable as exc:
+                log.debug("pump failed: %s", exc)
                 if self.bus_healthy:
                     log.warning("pub/sub lost, live fan-out paused: %s", exc)
                 self.bus_healthy = False

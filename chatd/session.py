@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("chatd.session")
 
 _ids = itertools.count(1)
+_DROP_GRACE = 5.0
 
 
 class Session:
@@ -68,7 +69,11 @@ class Session:
         if self._close_code is not None:
             return False
         size = len(text)
-        if len(self._queue) >= self._max_frames or self._queued_bytes + size > self._max_bytes:
+        # The bound limits accumulation: one frame into an empty queue always fits
+        # (a large snapshot), anything queued behind it counts.
+        if self._queue and (
+            len(self._queue) >= self._max_frames or self._queued_bytes + size > self._max_bytes
+        ):
             self._drop(
                 CLOSE_SLOW_CONSUMER,
                 "slow consumer: send queue full; reconnect and resume with 'after'",
@@ -86,21 +91,30 @@ class Session:
         self.deliver(encode(frame))
 
     def _drop(self, code: int, reason: str) -> None:
-        if self._close_code is None:
-            self._close_code, self._close_reason = code, reason
-            if self._scope is not None:
-                self._scope.cancel()
+        """Close with ``code``: the writer finishes the frame in flight (cutting
+        it would corrupt the stream), then closes; a client too stuck even for
+        that is cut off after ``_DROP_GRACE`` seconds."""
+        if self._close_code is not None:
+            return
+        self._close_code, self._close_reason = code, reason
+        self._queue.clear()
+        self._queued_bytes = 0
+        self._wakeup.set()
+        if self._scope is not None:
+            self._scope.deadline = min(self._scope.deadline, trio.current_time() + _DROP_GRACE)
 
     async def _writer(self) -> None:
+        """Send queued frames; returns once the session is closing."""
         while True:
-            while self._queue:
+            while self._queue and self._close_code is None:
                 text = self._queue.popleft()
                 self._queued_bytes -= len(text)
                 await self.ws.send_message(text)
+            if self._close_code is not None:
+                return
             self._wakeup = trio.Event()
-            if self._queue:
-                continue
-            await self._wakeup.wait()
+            if not self._queue:
+                await self._wakeup.wait()
 
     # -- lifecycle --------------------------------------------------------
 
@@ -109,8 +123,8 @@ class Session:
         try:
             with trio.CancelScope() as self._scope:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._writer)
-                    await self._reader(nursery)
+                    nursery.start_soon(self._reader, nursery)
+                    await self._writer()
                     nursery.cancel_scope.cancel()
         except* ConnectionClosed:
             pass  # the client went away; nothing to answer

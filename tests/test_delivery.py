@@ -1,0 +1,117 @@
+"""Delivery under stress: slow consumers, a backlog relayed after a Redis outage."""
+
+from __future__ import annotations
+
+import trio
+
+from chatd.server import serve
+from tests.conftest import make_config, sql, wait_until
+
+
+async def test_slow_consumer_is_disconnected_with_4008(
+    nursery, postgres, redis_server, connect, conv
+):
+    cfg = make_config(
+        postgres, redis_server, server={"send_queue_frames": 16, "send_queue_bytes": 200_000}
+    )
+    srv = await nursery.start(serve, cfg)
+    # This client never reads: its socket fills, then the server's queue.
+    slow = await connect(srv, "slow", message_queue_size=1)
+    await slow.subscribe(conv)
+    fast = await connect(srv, "fast")
+    await fast.subscribe(conv)
+    got: list[int] = []
+
+    async def read_fast():
+        while True:
+            got.append((await fast.expect("message", conv=conv, timeout=30))["seq"])
+
+    nursery.start_soon(read_fast)
+    writer = await connect(srv, "writer")
+    text = "z" * 15000
+    for k in range(300):
+        ack = await writer.send_message(conv, f"m{k}", text)
+        assert ack["type"] == "ack"
+        if srv.slow_disconnects:
+            break
+    assert srv.slow_disconnects == 1, "only the client that stopped reading is dropped"
+    assert await slow.closed_code() == 4008
+    # The reading client got everything, in order.
+    with trio.fail_after(20):
+        while len(got) < k + 1:
+            await trio.sleep(0.05)
+    assert got == list(range(1, k + 2))
+    # The slow client resumes by cursor.
+    again = await connect(srv, "slow")
+    snap = await again.subscribe(conv, after=0)
+    assert [m["seq"] for m in snap["messages"]] == list(range(1, k + 2))
+
+
+async def test_relay_drains_backlog_written_while_redis_was_stopped(
+    nursery, postgres, own_redis, connect, conv
+):
+    srv = await nursery.start(serve, make_config(postgres, own_redis))
+    reader = await connect(srv, "reader")
+    await reader.subscribe(conv)
+    writer = await connect(srv, "writer")
+    await writer.send_message(conv, "before")
+    assert (await reader.messages(conv, 1))[0]["seq"] == 1
+    port = own_redis.port
+    own_redis.stop()
+    for k in range(20):
+        ack = await writer.send_message(conv, f"during{k}")
+        assert ack["type"] == "ack", "Postgres is the truth: sends are acked with Redis down"
+    backlog = await sql(srv, "SELECT count(*) AS n FROM outbox WHERE conv_id = $1", conv)
+    assert backlog == [{"n": 20}]
+    own_redis.start(port=port)  # fresh and empty
+
+    async def drained():
+        return not await sql(srv, "SELECT 1 FROM outbox WHERE conv_id = $1", conv)
+
+    await wait_until(drained, timeout=20)
+    got = await reader.messages(conv, 20, timeout=20)
+    assert [m["seq"] for m in got] == list(range(2, 22))
+    await writer.send_message(conv, "after")
+    assert (await reader.messages(conv, 1))[0]["seq"] == 22
+
+
+async def test_gap_is_filled_from_postgres(server, connect, conv):
+    """A message whose publish was lost is fetched from Postgres when the next one arrives."""
+    reader = await connect(server, "reader")
+    await reader.subscribe(conv)
+    writer = await connect(server, "writer")
+    await writer.send_message(conv, "m1")
+    await reader.messages(conv, 1)
+
+    # Commit seq 2 but drop its outbox row, as if its publish had been lost.
+    async def lose_publish(pool):
+        async with pool.acquire() as con, con.transaction():
+            await con.execute("LOCK TABLE outbox IN EXCLUSIVE MODE")
+            await con.execute(
+                "INSERT INTO messages (conv_id, seq, client_id, user_id, role, status, body, created_at) "
+                "VALUES ($1, 2, 'lost', 'writer', 'user', 'complete', 'lost', now())",
+                conv,
+            )
+            await con.execute("UPDATE conversations SET head = 2 WHERE id = $1", conv)
+
+    await server.gateway.postgres(lose_publish, server.store.pool)
+    before = server.hub.gap_fills
+    await writer.send_message(conv, "m3")
+    got = await reader.messages(conv, 2)
+    assert [(m["seq"], m["id"]) for m in got] == [(2, "lost"), (3, "m3")]
+    assert server.hub.gap_fills == before + 1
+
+
+async def test_subscriber_resyncs_after_redis_restart(nursery, postgres, own_redis, connect, conv):
+    srv = await nursery.start(serve, make_config(postgres, own_redis))
+    reader = await connect(srv, "reader")
+    await reader.subscribe(conv)
+    writer = await connect(srv, "writer")
+    own_redis.kill()
+    own_redis.start(port=own_redis.port)
+    for k in range(5):
+        await writer.send_message(conv, f"m{k}")
+    got = await reader.messages(conv, 5, timeout=20)
+    assert [m["seq"] for m in got] == [1, 2, 3, 4, 5]
+    await trio.sleep(0.3)
+    assert not [f for f in reader._unread if f.get("type") == "message"], "no duplicates"
