@@ -36,14 +36,20 @@ def _setup_logging(config: Config) -> None:
 async def _serve_until_signal(config: Config) -> None:
     from chatd.server import serve
 
-    async with trio.open_nursery() as nursery:
-        server = await nursery.start(serve, config)
-        print(f"chatd serving on {server.url}", flush=True)
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    # The receiver stays open through teardown, so a second signal cannot kill
+    # chatd halfway through shutdown (and orphan embedded servers).
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(serve, config)
+            print(f"chatd serving on {server.url}", flush=True)
             async for signum in signals:
                 log.info("received %s, shutting down", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
                 break
+
+
+def _raise_exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -55,8 +61,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
         config = replace(config, server=replace(config.server, port=args.port))
     _setup_logging(config)
+    # SIGTERM while embedded servers start unwinds through their cleanup.
+    signal.signal(signal.SIGTERM, _raise_exit)
     with EmbeddedServices(config) as resolved:
-        trio.run(_serve_until_signal, resolved)
+        try:
+            trio.run(_serve_until_signal, resolved)
+        finally:
+            # Let the embedded servers stop cleanly whatever arrives now.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return 0
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -236,8 +235,6 @@ class Hub:
         self.bus_healthy = False
         self.gap_fills = 0
         self.events = 0
-        #: Hooks for other lanes (streams) that carry their own event types.
-        self.ephemeral_filters: list[Callable[[str, dict[str, Any]], None]] = []
 
     async def run(self, *, task_status: trio.TaskStatus[Hub] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:

@@ -41,8 +41,7 @@ def postgres() -> Iterator[PostgresServer]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
+def _redis() -> Iterator[RedisServer]:
     base = _tempdir("chatd-test-redis-")
     rs = RedisServer(base, binary=find_redis_server())
     rs.start()
@@ -51,19 +50,17 @@ def redis_server() -> Iterator[RedisServer]:
     finally:
         rs.kill()
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    yield from _redis()
 
 
 @pytest.fixture
 def own_redis() -> Iterator[RedisServer]:
     """A Redis of the test's own, which it may stop, kill or pause."""
-    base = _tempdir("chatd-test-redis-")
-    rs = RedisServer(base, binary=find_redis_server())
-    rs.start()
-    try:
-        yield rs
-    finally:
-        rs.kill()
-        shutil.rmtree(base, ignore_errors=True)
+    yield from _redis()
 
 
 def make_config(pg: PostgresServer, rs: RedisServer, **sections: dict[str, Any]) -> Config:
