@@ -14,7 +14,9 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
+import orjson
 import redis.asyncio as aioredis
 import trio
 from redis.backoff import ExponentialBackoff
@@ -41,9 +43,84 @@ def conv_of(chan: str) -> str | None:
     return chan[len(_PREFIX) :] if chan.startswith(_PREFIX) else None
 
 
+def _streams_key(conv: str) -> str:
+    # Hash: stream id -> stream metadata (JSON), for every in-flight reply.
+    return f"chatd:streams:{conv}"
+
+
+def _partial_prefix(conv: str) -> str:
+    return f"chatd:partial:{conv}:"
+
+
+# The streaming lane, one atomic call per stream per batch: extend the partial
+# (append only if Redis holds exactly what we think, else report -1 so the
+# caller rewrites it whole: Redis may have restarted empty), refresh the TTLs,
+# and publish the frames. Appending and publishing atomically means a reader
+# that subscribed first and then reads the partial misses nothing.
+_LANE_SCRIPT = """
+local ttl = tonumber(ARGV[6])
+if ARGV[2] == 'a' then
+  if redis.call('STRLEN', KEYS[1]) ~= tonumber(ARGV[3]) then return -1 end
+  if ARGV[4] ~= '' then redis.call('APPEND', KEYS[1], ARGV[4]) end
+else
+  redis.call('SET', KEYS[1], ARGV[4])
+end
+if ARGV[5] ~= '' then
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[5])
+  redis.call('EXPIRE', KEYS[2], ttl)
+  redis.call('EXPIRE', KEYS[1], ttl)
+else
+  redis.call('DEL', KEYS[1])
+  redis.call('HDEL', KEYS[2], ARGV[1])
+end
+for i = 8, #ARGV do redis.call('PUBLISH', ARGV[7], ARGV[i]) end
+return redis.call('STRLEN', KEYS[1])
+"""
+
+# Every in-flight reply of a conversation with its partial text, atomically.
+_READ_STREAMS_SCRIPT = """
+local meta = redis.call('HGETALL', KEYS[1])
+local out = {}
+for i = 1, #meta, 2 do
+  out[#out + 1] = meta[i]
+  out[#out + 1] = meta[i + 1]
+  out[#out + 1] = redis.call('GET', ARGV[1] .. meta[i]) or ''
+end
+return out
+"""
+
+
+@dataclass(frozen=True)
+class LaneOp:
+    """One stream's update in a lane batch (see ``_LANE_SCRIPT``)."""
+
+    conv: str
+    stream: str
+    #: The partial's UTF-8 length in Redis before this op, or -1 to rewrite it whole.
+    expect_bytes: int
+    #: Text to append (or, when rewriting, the whole partial).
+    text: str
+    #: The reply's tokens; the first ``upto`` of them are the whole partial,
+    #: joined only if Redis does not hold what we expect.
+    parts: list[str]
+    upto: int
+    #: Stream metadata JSON while the stream lives; "" ends it (partial deleted).
+    meta: str
+    frames: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """A reply still generating, as read from Redis."""
+
+    stream: str
+    meta: dict[str, Any]
+    text: str
+
+
 @dataclass(frozen=True)
 class BusMessage:
-    kind: str  # "message" or "subscribe"
+    kind: str  # "message", "subscribe" or "control"
     conv: str
     data: str
 
@@ -77,6 +154,55 @@ async def _aio_ping(client: aioredis.Redis) -> bool:
     return bool(await client.ping())
 
 
+def _lane_args(op: LaneOp, ttl: int, rewrite: bool) -> list[Any]:
+    return [
+        op.stream,
+        "s" if rewrite else "a",
+        op.expect_bytes,
+        "".join(op.parts[: op.upto]) if rewrite else op.text,
+        op.meta,
+        ttl,
+        channel(op.conv),
+        *op.frames,
+    ]
+
+
+async def _aio_lane(client: aioredis.Redis, ops: list[LaneOp], ttl: int) -> list[int]:
+    keys = [(_partial_prefix(op.conv) + op.stream, _streams_key(op.conv)) for op in ops]
+    async with client.pipeline(transaction=False) as pipe:
+        for op, (k1, k2) in zip(ops, keys, strict=True):
+            pipe.eval(_LANE_SCRIPT, 2, k1, k2, *_lane_args(op, ttl, op.expect_bytes < 0))
+        results = [int(r) for r in await pipe.execute()]
+    stale = [i for i, r in enumerate(results) if r < 0]
+    if stale:
+        async with client.pipeline(transaction=False) as pipe:
+            for i in stale:
+                pipe.eval(_LANE_SCRIPT, 2, *keys[i], *_lane_args(ops[i], ttl, True))
+            for i, r in zip(stale, await pipe.execute(), strict=True):
+                results[i] = int(r)
+    return results
+
+
+async def _aio_read_streams(client: aioredis.Redis, conv: str) -> list[InFlight]:
+    flat = await client.eval(_READ_STREAMS_SCRIPT, 1, _streams_key(conv), _partial_prefix(conv))
+    out = []
+    for i in range(0, len(flat), 3):
+        try:
+            meta = orjson.loads(flat[i + 1])
+        except orjson.JSONDecodeError:
+            continue
+        out.append(InFlight(flat[i], meta, flat[i + 2]))
+    return out
+
+
+async def _aio_read_partial(client: aioredis.Redis, conv: str, stream: str) -> str | None:
+    return await client.get(_partial_prefix(conv) + stream)
+
+
+async def _aio_stream_exists(client: aioredis.Redis, conv: str, stream: str) -> bool:
+    return bool(await client.hexists(_streams_key(conv), stream))
+
+
 class Bus:
     """Publishing and the process's single pub/sub path."""
 
@@ -104,6 +230,26 @@ class Bus:
 
     async def ping(self) -> bool:
         return await self.gateway.redis(_aio_ping, self.client)
+
+    async def publish_control(self, data: str) -> None:
+        """Publish a message to every chatd process (e.g. stop a stream running elsewhere)."""
+        await self.gateway.redis(_aio_publish, self.client, CONTROL_CHANNEL, data)
+
+    # -- the streaming lane -------------------------------------------------
+
+    async def lane(self, ops: list[LaneOp], ttl: int) -> list[int]:
+        """Apply a batch of stream updates in one crossing; returns each partial's byte length."""
+        return await self.gateway.redis(_aio_lane, self.client, ops, ttl)
+
+    async def read_streams(self, conv: str) -> list[InFlight]:
+        """The conversation's in-flight replies with their partial text."""
+        return await self.gateway.redis(_aio_read_streams, self.client, conv)
+
+    async def read_partial(self, conv: str, stream: str) -> str | None:
+        return await self.gateway.redis(_aio_read_partial, self.client, conv, stream)
+
+    async def stream_exists(self, conv: str, stream: str) -> bool:
+        return await self.gateway.redis(_aio_stream_exists, self.client, conv, stream)
 
     async def pump(self, wait: float, limit: int = 1000) -> list[BusMessage]:
         """Apply pending (un)subscriptions, then return the next batch of messages.
@@ -161,9 +307,12 @@ class Bus:
             msg = await self._pubsub.get_message(timeout=timeout)
             if msg is not None:
                 kind = msg["type"]
-                conv = conv_of(msg["channel"])
+                chan = msg["channel"]
+                conv = conv_of(chan)
                 if conv is not None and kind in ("message", "subscribe"):
                     out.append(BusMessage(kind, conv, msg["data"] if kind == "message" else ""))
+                elif chan == CONTROL_CHANNEL and kind == "message":
+                    out.append(BusMessage("control", "", msg["data"]))
                 if len(out) >= limit:
                     return out
                 continue

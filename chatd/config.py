@@ -96,6 +96,58 @@ class EmbeddedConfig:
 
 
 @dataclass(frozen=True)
+class ModelConfig:
+    #: "fake" (deterministic text, no model needed) or "openai" (any
+    #: OpenAI-compatible /v1/chat/completions endpoint with stream: true).
+    backend: str = "fake"
+    fake_tokens: int = 40
+    #: Tokens per second; 0 emits as fast as possible.
+    fake_token_rate: float = 20.0
+    #: Fail after this many tokens (0: never).
+    fake_fail_after: int = 0
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str = ""
+    #: Prefer the CHATD_MODEL_API_KEY environment variable to keep it out of files.
+    api_key: str = ""
+    system_prompt: str = ""
+    #: Recent messages of the conversation sent as context.
+    context_messages: int = 20
+    connect_timeout: float = 5.0
+    #: Longest wait for the next chunk of a streamed reply.
+    idle_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class StreamsConfig:
+    #: Replies generating at once in this process; beyond it a reply is refused.
+    max_streams: int = 200
+    #: A reply generating longer than this fails with stream.error.
+    max_duration: float = 300.0
+    #: A reply is cut here and committed with status "stopped".
+    max_reply_chars: int = 32000
+    #: Seconds an in-flight partial lives in Redis without an update.
+    partial_ttl: int = 600
+    #: How long the final commit of a reply is retried while Postgres is down.
+    commit_timeout: float = 10.0
+    #: The user id assistant messages are stored under.
+    assistant_user: str = "assistant"
+    #: The lane waits this long after a token before shipping a batch, so
+    #: tokens of many replies share a crossing and a delta may carry several
+    #: tokens. 0 ships as soon as the previous batch is done.
+    lane_interval_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class ChaosConfig:
+    #: The admin interface for `chatd chaos`; off unless enabled.
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8766
+    #: Required on every admin request; prefer CHATD_ADMIN_TOKEN in the environment.
+    admin_token: str = ""
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
 
@@ -108,6 +160,9 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     relay: RelayConfig = field(default_factory=RelayConfig)
     embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    streams: StreamsConfig = field(default_factory=StreamsConfig)
+    chaos: ChaosConfig = field(default_factory=ChaosConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     @property
@@ -127,6 +182,8 @@ _LOG_LEVELS = ("debug", "info", "warning", "error")
 ENV_OVERRIDES = {
     "CHATD_POSTGRES_DSN": ("postgres", "dsn"),
     "CHATD_REDIS_URL": ("redis", "url"),
+    "CHATD_MODEL_API_KEY": ("model", "api_key"),
+    "CHATD_ADMIN_TOKEN": ("chaos", "admin_token"),
 }
 
 
@@ -195,6 +252,25 @@ def _validate(config: Config) -> None:
         (config.store.group_commit_max >= 1, "[store].group_commit_max must be at least 1"),
         (config.relay.batch >= 1, "[relay].batch must be at least 1"),
         (config.relay.poll_interval > 0, "[relay].poll_interval must be positive"),
+        (
+            config.model.backend in ("fake", "openai"),
+            '[model].backend must be "fake" or "openai"',
+        ),
+        (
+            config.model.backend != "openai" or bool(config.model.model),
+            "[model].model must name the model when [model].backend is openai",
+        ),
+        (config.model.context_messages >= 1, "[model].context_messages must be at least 1"),
+        (config.streams.max_streams >= 1, "[streams].max_streams must be at least 1"),
+        (config.streams.partial_ttl >= 1, "[streams].partial_ttl must be at least 1"),
+        (config.streams.max_duration > 0, "[streams].max_duration must be positive"),
+        (bool(config.streams.assistant_user), "[streams].assistant_user must not be empty"),
+        (config.chaos.port <= 65535, "[chaos].port must be 0..65535"),
+        (
+            not config.chaos.enabled or len(config.chaos.admin_token) >= 16,
+            "[chaos].admin_token must be set (at least 16 characters) when [chaos].enabled is "
+            "true; prefer the CHATD_ADMIN_TOKEN environment variable",
+        ),
         (config.log.level in _LOG_LEVELS, f"[log].level must be one of {', '.join(_LOG_LEVELS)}"),
     ]
     for ok, message in checks:
@@ -222,5 +298,9 @@ def load_config(path: str | Path | None, env: Mapping[str, str]) -> Config:
 
 
 def as_dict(config: Config) -> dict[str, Any]:
-    """The configuration as plain data (for ``chatd config`` and logs)."""
-    return dataclasses.asdict(config)
+    """The configuration as plain data (for ``chatd config`` and logs); secrets masked."""
+    data = dataclasses.asdict(config)
+    for section, key in (("model", "api_key"), ("chaos", "admin_token")):
+        if data[section][key]:
+            data[section][key] = "***"
+    return data

@@ -35,3 +35,7 @@ class StoreError(ChatdError):
 
 class ServiceStartError(ChatdError):
     """An embedded PostgreSQL or Redis could not be started; the message says why."""
+
+
+class ModelError(ChatdError):
+    """The model backend failed to produce a reply (HTTP error, timeout, bad chunk)."""

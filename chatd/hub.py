@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -31,6 +32,7 @@ log = logging.getLogger("chatd.hub")
 _FILL_PAGE = 500
 _FEED_QUEUE = 4096
 _JOIN_READY_WAIT = 1.0
+_STREAM_KINDS = frozenset({"stream.start", "delta", "stream.end", "stream.error"})
 
 
 class Subscriber(Protocol):
@@ -48,6 +50,9 @@ class Subscriber(Protocol):
 class _Sub:
     client: Subscriber
     last: int
+    #: Per in-flight reply, the offset this client has text up to; None once
+    #: its animation is lost (it then waits for the committed message).
+    streams: dict[str, int | None] = field(default_factory=dict)
 
 
 @dataclass
@@ -55,7 +60,17 @@ class _Join:
     client: Subscriber
     after: int | None
     ref: Any
+    streams: dict[str, int] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _StreamEv:
+    kind: str  # stream.start, delta, stream.end, stream.error
+    stream: str
+    offset: int
+    text: str
+    raw: str
 
 
 @dataclass
@@ -118,7 +133,9 @@ class Feed:
                         retry = min(retry * 2, 2.0)
 
     async def _handle(self, item: Any) -> None:
-        if isinstance(item, _Event):
+        if isinstance(item, _StreamEv):
+            await self._on_stream(item)
+        elif isinstance(item, _Event):
             await self._on_event(item)
         elif isinstance(item, _Join):
             await self._on_join(item)
@@ -136,8 +153,17 @@ class Feed:
         # any message missing from the snapshot is published after it.
         with trio.move_on_after(_JOIN_READY_WAIT):
             await self.ready.wait()
+        # In-flight replies first, then Postgres: a reply that commits in between
+        # is reported as committed and dropped from the in-flight list.
         try:
-            snap = await self.hub.store.snapshot(self.conv, join.after)
+            inflight = await self.hub.bus.read_streams(self.conv)
+        except Unavailable as exc:
+            log.debug("no in-flight replies for %s: %s", self.conv, exc)
+            inflight = []
+        try:
+            snap = await self.hub.store.snapshot(
+                self.conv, join.after, [f.stream for f in inflight]
+            )
         except Unavailable as exc:
             join.client.deliver(
                 encode(
@@ -152,18 +178,29 @@ class Feed:
             )
             self.hub.forget(join.client, self.conv)
             return
+        streams: list[dict[str, Any]] = []
+        have: dict[str, int | None] = {}
+        for f in inflight:
+            if f.stream in snap.committed_streams:
+                continue
+            offset = join.streams.get(f.stream, 0)
+            streams.append(
+                {"stream": f.stream, **f.meta, "offset": offset, "text": f.text[offset:]}
+            )
+            have[f.stream] = max(offset, len(f.text))
         frame: dict[str, Any] = {
             "type": "snapshot",
             "conv": self.conv,
             "messages": snap.messages,
             "head": snap.head,
             "recovered": snap.recovered,
+            "streams": streams,
             **join.extra,
         }
         if join.ref is not None:
             frame["ref"] = join.ref
         if join.client.deliver(encode(frame)):
-            self.subs[join.client.id] = _Sub(join.client, snap.head)
+            self.subs[join.client.id] = _Sub(join.client, snap.head, have)
 
     async def _on_event(self, ev: _Event) -> None:
         behind = [s for s in self.subs.values() if s.last < ev.seq]
@@ -182,6 +219,67 @@ class Feed:
             batch = [(m["seq"], encode(message_event(self.conv, m))) for m in missing]
         batch.append((ev.seq, ev.text))
         self._deliver(behind, batch)
+
+    async def _on_stream(self, ev: _StreamEv) -> None:
+        # Deltas are deduplicated by offset per client, like messages by seq.
+        if ev.kind == "delta":
+            end = ev.offset + len(ev.text)
+            gapped: list[_Sub] = []
+            for sub in list(self.subs.values()):
+                have = sub.streams.get(ev.stream, 0)
+                if have is None or end <= have:
+                    continue
+                if ev.offset > have:
+                    gapped.append(sub)
+                    continue
+                text = (
+                    ev.raw
+                    if ev.offset == have
+                    else self._delta(ev.stream, have, ev.text[have - ev.offset :])
+                )
+                if sub.client.deliver(text):
+                    sub.streams[ev.stream] = end
+                else:
+                    self.subs.pop(sub.client.id, None)
+            if gapped:
+                await self._fill_stream(ev.stream, gapped)
+        elif ev.kind == "stream.start":
+            for sub in list(self.subs.values()):
+                if ev.stream not in sub.streams:
+                    sub.streams[ev.stream] = 0
+                    if not sub.client.deliver(ev.raw):
+                        self.subs.pop(sub.client.id, None)
+        else:  # stream.end / stream.error
+            for sub in list(self.subs.values()):
+                sub.streams.pop(ev.stream, None)
+                if not sub.client.deliver(ev.raw):
+                    self.subs.pop(sub.client.id, None)
+
+    def _delta(self, stream: str, offset: int, text: str) -> str:
+        return encode(
+            {"type": "delta", "conv": self.conv, "stream": stream, "offset": offset, "text": text}
+        )
+
+    async def _fill_stream(self, stream: str, subs: list[_Sub]) -> None:
+        """Deltas were missed (Redis blipped): send the rest from the partial in Redis."""
+        self.hub.stream_fills += 1
+        try:
+            partial = await self.hub.bus.read_partial(self.conv, stream)
+        except Unavailable:
+            partial = None
+        for sub in subs:
+            have = sub.streams.get(stream, 0)
+            if have is None:
+                continue
+            if partial is None or len(partial) < have:
+                # The animation is lost; the committed message will replace it.
+                sub.streams[stream] = None
+                continue
+            if len(partial) > have:
+                if not sub.client.deliver(self._delta(stream, have, partial[have:])):
+                    self.subs.pop(sub.client.id, None)
+                    continue
+            sub.streams[stream] = len(partial)
 
     async def _read_range(self, after: int, upto: int) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -234,7 +332,10 @@ class Hub:
         self._nursery: trio.Nursery | None = None
         self.bus_healthy = False
         self.gap_fills = 0
+        self.stream_fills = 0
         self.events = 0
+        #: Called with control-channel messages (e.g. stop a stream running here).
+        self.on_control: Callable[[str], None] | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[Hub] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -245,7 +346,13 @@ class Hub:
     # -- membership -------------------------------------------------------
 
     def join(
-        self, client: Subscriber, conv: str, after: int | None, ref: Any, **extra: Any
+        self,
+        client: Subscriber,
+        conv: str,
+        after: int | None,
+        ref: Any,
+        streams: dict[str, int] | None = None,
+        **extra: Any,
     ) -> None:
         """Subscribe ``client``: it gets a snapshot (or an error), then live events."""
         feed = self.feeds.get(conv)
@@ -256,7 +363,7 @@ class Hub:
             self.bus.wanted.add(conv)
             self._nursery.start_soon(feed.run)
         feed.members += 1
-        feed.put(_Join(client, after, ref, extra))
+        feed.put(_Join(client, after, ref, streams or {}, extra))
 
     def forget(self, client: Subscriber, conv: str) -> None:
         """Unsubscribe ``client`` (idempotent per successful join)."""
@@ -302,6 +409,10 @@ class Hub:
                 self._route(msg.kind, msg.conv, msg.data)
 
     def _route(self, kind: str, conv: str, data: str) -> None:
+        if kind == "control":
+            if self.on_control is not None:
+                self.on_control(data)
+            return
         feed = self.feeds.get(conv)
         if feed is None:
             return
@@ -315,8 +426,14 @@ class Hub:
         except orjson.JSONDecodeError:
             log.warning("dropping undecodable event on %s", conv)
             return
-        if obj.get("type") == "message" and isinstance(obj.get("seq"), int):
+        etype = obj.get("type")
+        if etype == "message" and isinstance(obj.get("seq"), int):
             feed.put(_Event(obj["seq"], data))
+        elif etype in _STREAM_KINDS and isinstance(obj.get("stream"), str):
+            offset = obj.get("offset", 0)
+            text = obj.get("text", "")
+            if isinstance(offset, int) and isinstance(text, str):
+                feed.put(_StreamEv(etype, obj["stream"], offset, text, data))
         else:
             user = obj.pop("_from", None)
             feed.put(_Ephemeral(user, encode(obj) if user is not None else data))

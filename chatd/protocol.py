@@ -24,7 +24,20 @@ _CONV = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
 _IDENT_MAX = 128
 _USER_MAX = 64
 
-OPS = ("hello", "subscribe", "unsubscribe", "send", "history", "typing", "ping", "status")
+OPS = (
+    "hello",
+    "subscribe",
+    "unsubscribe",
+    "send",
+    "stop",
+    "history",
+    "typing",
+    "ping",
+    "status",
+)
+#: Message ids starting with this are reserved for assistant replies.
+RESERVED_ID_PREFIX = "~"
+_MAX_STREAM_OFFSETS = 64
 
 
 class ProtocolError(Exception):
@@ -130,6 +143,28 @@ def _conv(obj: dict[str, Any], ref: Any) -> str:
     return conv
 
 
+def _stream_offsets(obj: dict[str, Any], ref: Any) -> dict[str, int]:
+    value = _field(obj, "streams", ref, required=False)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ProtocolError(
+            "bad_field", "field 'streams' must be an object of stream id -> offset", ref
+        )
+    if len(value) > _MAX_STREAM_OFFSETS:
+        raise ProtocolError(
+            "bad_field", f"field 'streams' may name at most {_MAX_STREAM_OFFSETS} streams", ref
+        )
+    for key, offset in value.items():
+        if len(key) > _IDENT_MAX:
+            raise ProtocolError("bad_field", "a stream id in 'streams' is too long", ref)
+        if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < 2**31:
+            raise ProtocolError(
+                "bad_field", f"offset of stream {key[:64]!r} must be a non-negative integer", ref
+            )
+    return value
+
+
 def parse(data: str | bytes, limits: Limits) -> Request:
     """Parse and validate one client frame."""
     if isinstance(data, bytes):
@@ -166,12 +201,26 @@ def parse(data: str | bytes, limits: Limits) -> Request:
     elif op == "subscribe":
         fields["conv"] = _conv(obj, ref)
         fields["after"] = _int(obj, "after", ref, minimum=0)
+        fields["streams"] = _stream_offsets(obj, ref)
     elif op in ("unsubscribe", "typing"):
         fields["conv"] = _conv(obj, ref)
     elif op == "send":
         fields["conv"] = _conv(obj, ref)
         fields["id"] = _string(obj, "id", ref, _IDENT_MAX)
+        if fields["id"].startswith(RESERVED_ID_PREFIX):
+            raise ProtocolError(
+                "bad_field",
+                f"field 'id' must not start with {RESERVED_ID_PREFIX!r} (reserved for replies)",
+                ref,
+            )
         fields["text"] = _string(obj, "text", ref, limits.max_text_chars)
+        reply = _field(obj, "reply", ref, required=False)
+        if reply is not None and not isinstance(reply, bool):
+            raise ProtocolError("bad_field", "field 'reply' must be true or false", ref)
+        fields["reply"] = bool(reply)
+    elif op == "stop":
+        fields["conv"] = _conv(obj, ref)
+        fields["stream"] = _string(obj, "stream", ref, _IDENT_MAX)
     elif op == "history":
         fields["conv"] = _conv(obj, ref)
         fields["before"] = _int(obj, "before", ref, minimum=1)

@@ -21,10 +21,12 @@ from chatd.config import Config
 from chatd.errors import Unavailable
 from chatd.gateway import Gateway, open_gateway
 from chatd.hub import Hub
+from chatd.model import open_model
 from chatd.protocol import ProtocolError, Request
 from chatd.relay import Relay
 from chatd.session import Session
 from chatd.store import Store, open_store
+from chatd.streams import Streams
 
 log = logging.getLogger("chatd.server")
 
@@ -40,6 +42,7 @@ class Server:
     bus: Bus
     hub: Hub
     relay: Relay
+    streams: Streams
     sessions: set[Session] = field(default_factory=set)
     listener: WebSocketServer | None = None
     slow_disconnects: int = 0
@@ -74,7 +77,9 @@ class Server:
             "committed": self.store.committed,
             "relayed": self.relay.published,
             "gap_fills": self.hub.gap_fills,
+            "stream_fills": self.hub.stream_fills,
             "slow_disconnects": self.slow_disconnects,
+            **self.streams.status(),
             "chaos": self.chaos.status(),
         }
         try:
@@ -119,14 +124,18 @@ async def serve(
         ) as gateway,
         open_store(gateway, config) as store,
         open_bus(gateway, config) as bus,
+        open_model(config) as model,
         trio.open_nursery() as nursery,
     ):
         hub = Hub(store, bus)
         relay = Relay(gateway, store, bus, config)
-        server = Server(config, gateway, chaos, store, bus, hub, relay)
+        streams = Streams(config, store, bus, model)
+        hub.on_control = streams.handle_control
+        server = Server(config, gateway, chaos, store, bus, hub, relay, streams)
         await nursery.start(store.run_committer)
         await nursery.start(relay.run)
         await nursery.start(hub.run)
+        await nursery.start(streams.run)
         try:
             async with trio.open_nursery() as handlers:
                 server.listener = await handlers.start(_listen, server, handlers)

@@ -188,7 +188,7 @@ class Session:
                 req.ref,
             )
         self.subscriptions.add(conv)
-        self.server.hub.join(self, conv, req.get("after"), req.ref)
+        self.server.hub.join(self, conv, req.get("after"), req.ref, req.get("streams"))
 
     async def _op_unsubscribe(self, req: Request, nursery: trio.Nursery) -> None:
         conv = req["conv"]
@@ -200,6 +200,7 @@ class Session:
 
     async def _op_send(self, req: Request, nursery: trio.Nursery) -> None:
         conv, client_id, ref = req["conv"], req["id"], req.ref
+        text, wants_reply = req["text"], req["reply"]
         await self._inflight.acquire()
 
         def on_done(result: Committed | ChatdError) -> None:
@@ -211,9 +212,20 @@ class Session:
                     "id": client_id,
                     "seq": result.seq,
                 }
+                failed: ProtocolError | None = None
                 if result.duplicate:
+                    # The original send started its reply (if it asked for one).
                     frame["duplicate"] = True
+                elif wants_reply:
+                    try:
+                        frame["stream"] = self.server.streams.start_reply(conv, result.seq, text)
+                    except ProtocolError as exc:
+                        failed = exc
                 self.reply(frame, ref)
+                if failed is not None:
+                    self.reply(
+                        error_frame(failed.code, failed.message, retryable=True, conv=conv), ref
+                    )
             elif isinstance(result, Unavailable):
                 self.reply(
                     error_frame(
@@ -229,7 +241,21 @@ class Session:
                     ref,
                 )
 
-        await self.server.store.submit(NewMessage(conv, client_id, self.user, req["text"]), on_done)
+        await self.server.store.submit(NewMessage(conv, client_id, self.user, text), on_done)
+
+    async def _op_stop(self, req: Request, nursery: trio.Nursery) -> None:
+        conv, stream = req["conv"], req["stream"]
+        streams = self.server.streams
+        if not streams.stop(conv, stream):
+            # Perhaps generating in another chatd process: ask them all.
+            if not await self.server.bus.stream_exists(conv, stream):
+                raise ProtocolError(
+                    "unknown_stream", f"no reply {stream!r} is generating in {conv!r}", req.ref
+                )
+            await self.server.bus.publish_control(
+                encode({"op": "stop", "conv": conv, "stream": stream})
+            )
+        self.reply({"type": "stopping", "conv": conv, "stream": stream}, req.ref)
 
     async def _op_history(self, req: Request, nursery: trio.Nursery) -> None:
         conv, limit = req["conv"], req["limit"]

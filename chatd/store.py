@@ -68,6 +68,8 @@ class Snapshot:
     #: False when the client's cursor was too far behind to recover in one
     #: snapshot: ``messages`` then holds only the latest ones.
     recovered: bool
+    #: Those of the asked-about stream ids that are already committed messages.
+    committed_streams: frozenset[str] = frozenset()
 
 
 def message_dict(row: asyncpg.Record | dict[str, Any]) -> dict[str, Any]:
@@ -189,24 +191,40 @@ async def _aio_commit_batch(pool: asyncpg.Pool, msgs: list[NewMessage]) -> list[
 
 
 async def _aio_snapshot(
-    pool: asyncpg.Pool, conv: str, after: int | None, limit: int, max_catchup: int
+    pool: asyncpg.Pool,
+    conv: str,
+    after: int | None,
+    limit: int,
+    max_catchup: int,
+    streams: list[str],
 ) -> Snapshot:
     async with pool.acquire() as con, con.transaction(isolation="repeatable_read", readonly=True):
         head = await con.fetchval("SELECT head FROM conversations WHERE id = $1", conv) or 0
+        done: frozenset[str] = frozenset()
+        if streams:
+            # A reply commits before its partial leaves Redis: such a stream is over.
+            done = frozenset(
+                r["client_id"]
+                for r in await con.fetch(
+                    "SELECT client_id FROM messages WHERE conv_id = $1 AND client_id = ANY($2)",
+                    conv,
+                    streams,
+                )
+            )
         if after is not None and head - after <= max_catchup:
             rows = await con.fetch(
                 f"SELECT {_COLUMNS} FROM messages WHERE conv_id = $1 AND seq > $2 ORDER BY seq",
                 conv,
                 after,
             )
-            return Snapshot([message_dict(r) for r in rows], head, True)
+            return Snapshot([message_dict(r) for r in rows], head, True, done)
         rows = await con.fetch(
             f"SELECT {_COLUMNS} FROM messages WHERE conv_id = $1 ORDER BY seq DESC LIMIT $2",
             conv,
             limit,
         )
         messages = [message_dict(r) for r in reversed(rows)]
-        return Snapshot(messages, head, after is None)
+        return Snapshot(messages, head, after is None, done)
 
 
 async def _aio_after(pool: asyncpg.Pool, conv: str, after: int, limit: int) -> list[dict[str, Any]]:
@@ -348,13 +366,35 @@ class Store:
                 self.committed += 1
             p.on_done(result)
 
+    async def commit_one(self, msg: NewMessage) -> Committed:
+        """Commit ``msg`` now, in its own transaction, bypassing the group committer.
+
+        For a reply's final commit: it must not depend on the committer task,
+        which may already be gone when a shielded commit runs during shutdown.
+        """
+        results = await self.gateway.postgres(_aio_commit_batch, self.pool, [msg])
+        if not results[0].duplicate:
+            self.committed += 1
+        return results[0]
+
     # -- reads ------------------------------------------------------------
 
-    async def snapshot(self, conv: str, after: int | None) -> Snapshot:
-        """Messages after ``after`` (all of them, if at most ``max_catchup``) or the latest N."""
+    async def snapshot(
+        self, conv: str, after: int | None, streams: list[str] | None = None
+    ) -> Snapshot:
+        """Messages after ``after`` (all of them, if at most ``max_catchup``) or the latest N.
+
+        ``streams``: in-flight reply ids; those already committed are reported.
+        """
         cfg = self.config.store
         return await self.gateway.postgres(
-            _aio_snapshot, self.pool, conv, after, cfg.snapshot_messages, cfg.max_catchup
+            _aio_snapshot,
+            self.pool,
+            conv,
+            after,
+            cfg.snapshot_messages,
+            cfg.max_catchup,
+            streams or [],
         )
 
     async def after(self, conv: str, after: int, limit: int) -> list[dict[str, Any]]:

@@ -8,6 +8,8 @@ from typing import Any
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, connect_websocket_url
 
+_STREAM_FRAMES = ("stream.start", "delta", "stream.end", "stream.error")
+
 
 class Client:
     def __init__(self, ws: WebSocketConnection) -> None:
@@ -75,6 +77,41 @@ class Client:
 
     async def send_message(self, conv: str, id_: str, text: str = "hi") -> dict[str, Any]:
         return await self.request({"op": "send", "conv": conv, "id": id_, "text": text}, "ack")
+
+    async def send_reply(self, conv: str, id_: str, text: str = "hi") -> dict[str, Any]:
+        """Send a message asking for an assistant reply; returns the ack (with ``stream``)."""
+        ack = await self.request(
+            {"op": "send", "conv": conv, "id": id_, "text": text, "reply": True}, "ack"
+        )
+        assert ack["type"] == "ack" and "stream" in ack, ack
+        return ack
+
+    async def follow(
+        self, conv: str, stream: str, have: str = "", timeout: float = 10.0
+    ) -> tuple[str, dict[str, Any]]:
+        """Read a reply's deltas until it ends; returns (assembled text, end frame).
+
+        Asserts every delta starts exactly where the text so far ends.
+        """
+        text = have
+        with trio.fail_after(timeout):
+            while True:
+                f = await self._next_stream_frame(conv, stream, timeout)
+                if f["type"] == "delta":
+                    assert f["offset"] == len(text), (f, len(text))
+                    text += f["text"]
+                elif f["type"] in ("stream.end", "stream.error"):
+                    return text, f
+
+    async def _next_stream_frame(self, conv: str, stream: str, timeout: float) -> dict[str, Any]:
+        for i, f in enumerate(self._unread):
+            if f.get("stream") == stream and f.get("type") in _STREAM_FRAMES:
+                return self._unread.pop(i)
+        while True:
+            f = await self.recv(timeout=timeout)
+            if f.get("stream") == stream and f.get("type") in _STREAM_FRAMES:
+                return f
+            self._unread.append(f)
 
     async def messages(self, conv: str, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
         """Collect ``count`` live message events for ``conv``."""

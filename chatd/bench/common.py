@@ -1,0 +1,123 @@
+"""Shared pieces of the benchmarks: machine description, raw limits, chatd as a process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from chatd.config import Config
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def machine() -> str:
+    mem = ""
+    try:
+        kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))  # type: ignore[union-attr]
+        mem = f", {kb / 1024 / 1024:.0f} GiB"
+    except (OSError, AttributeError):
+        pass
+    import asyncpg
+    import redis
+    import trio
+
+    return (
+        f"{platform.machine()}, {os.cpu_count()} cores{mem}; Python {platform.python_version()}, "
+        f"trio {trio.__version__}, asyncpg {asyncpg.__version__}, redis-py {redis.__version__}"
+    )
+
+
+# -- raw limits (plain asyncio, no chatd) -------------------------------------
+
+
+async def raw_pg_commits(dsn: str, seconds: float, workers: int = 8) -> float:
+    import asyncpg
+
+    pool = await asyncpg.create_pool(dsn, min_size=workers, max_size=workers)
+    try:
+        await pool.execute(
+            "CREATE TABLE IF NOT EXISTS bench_raw (id bigserial PRIMARY KEY, body text)"
+        )
+        count = 0
+        stop = time.monotonic() + seconds
+
+        async def worker() -> None:
+            nonlocal count
+            async with pool.acquire() as con:
+                while time.monotonic() < stop:
+                    await con.execute("INSERT INTO bench_raw (body) VALUES ($1)", "x" * 40)
+                    count += 1
+
+        t0 = time.monotonic()
+        await asyncio.gather(*(worker() for _ in range(workers)))
+        rate = count / (time.monotonic() - t0)
+        await pool.execute("DROP TABLE bench_raw")
+        return rate
+    finally:
+        await pool.close()
+
+
+async def raw_redis_publish(url: str, seconds: float) -> float:
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(url)
+    try:
+        count = 0
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < seconds:
+            await client.publish("bench:raw", "x" * 100)
+            count += 1
+        return count / (time.monotonic() - t0)
+    finally:
+        await client.aclose()
+
+
+# -- chatd as a separate process -------------------------------------------------
+
+
+def start_chatd(
+    config: Config, tmp: Path, extra_toml: str = ""
+) -> tuple[subprocess.Popen[str], str]:
+    """Run ``chatd serve`` as a child process against the given servers; returns (proc, url)."""
+    conf = tmp / "bench.toml"
+    conf.write_text(
+        '[server]\nhost = "127.0.0.1"\nport = 0\nsend_queue_frames = 100000\n'
+        "send_queue_bytes = 268435456\nmax_inflight_sends = 1024\n"
+        '[log]\nlevel = "warning"\n' + extra_toml
+    )
+    env = {
+        **os.environ,
+        "CHATD_POSTGRES_DSN": config.postgres.dsn,
+        "CHATD_REDIS_URL": config.redis.url,
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chatd.cli", "--config", str(conf), "serve"],
+        stdout=subprocess.PIPE,
+        stderr=sys.stderr,
+        text=True,
+        env=env,
+        cwd=tmp,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    m = re.search(r"(ws://\S+)", line)
+    if not m:
+        proc.kill()
+        raise SystemExit(f"chatd did not start: {line!r}")
+    return proc, m.group(1)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

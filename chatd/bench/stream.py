@@ -1,0 +1,155 @@
+"""``chatd bench stream``: S concurrent replies at R tokens/s, each watched by V clients.
+
+The fake model stamps every token with the system monotonic time it was
+emitted at (``#clock``), so each viewer measures emit-to-receive latency
+per token even when the lane coalesced several tokens into one delta.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from chatd.bench.common import cpu_seconds, machine, pct, raw_redis_publish, start_chatd
+from chatd.config import Config
+
+
+def add_parser(sub: Any) -> None:
+    s = sub.add_parser("stream", help="token deliveries/s and emit-to-screen latency")
+    s.add_argument("--streams", type=int, default=100, help="concurrent replies")
+    s.add_argument("--rate", type=float, default=50.0, help="tokens per second per reply")
+    s.add_argument("--viewers", type=int, default=2, help="subscribed clients per reply")
+    s.add_argument("--seconds", type=float, default=10.0, help="measured duration")
+    s.add_argument(
+        "--lane-interval-ms", type=float, default=0.0, help="[streams].lane_interval_ms for chatd"
+    )
+    s.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+
+
+async def _drive(url: str, args: argparse.Namespace) -> dict[str, Any]:
+    import trio
+    from trio_websocket import open_websocket_url
+
+    latencies: list[float] = []
+    tokens = 0
+    frames = 0
+    gaps = 0
+    measuring = False
+    ready_count = 0
+    all_ready = trio.Event()
+    total_viewers = args.streams * args.viewers
+
+    async def viewer(conv: str) -> None:
+        nonlocal tokens, frames, gaps, ready_count
+        async with open_websocket_url(url, message_queue_size=10_000) as ws:
+            await ws.send_message(json.dumps({"op": "hello", "user": "viewer"}))
+            await ws.send_message(json.dumps({"op": "subscribe", "conv": conv}))
+            have: dict[str, int] = {}
+            while True:
+                msg = json.loads(await ws.get_message())
+                kind = msg.get("type")
+                if kind == "snapshot":
+                    ready_count += 1
+                    if ready_count == total_viewers:
+                        all_ready.set()
+                elif kind == "delta":
+                    now = time.monotonic()
+                    if msg["offset"] != have.get(msg["stream"], 0):
+                        gaps += 1
+                    have[msg["stream"]] = msg["offset"] + len(msg["text"])
+                    if measuring:
+                        frames += 1
+                        for stamp in msg["text"].split("@")[1:]:
+                            tokens += 1
+                            latencies.append(now - float(stamp))
+
+    async def starter(conv: str, n_tokens: int) -> None:
+        async with open_websocket_url(url) as ws:
+            await ws.send_message(json.dumps({"op": "hello", "user": "asker"}))
+            frame = {
+                "op": "send",
+                "conv": conv,
+                "id": "q",
+                "reply": True,
+                "text": f"#clock #tokens={n_tokens} #rate={args.rate}",
+            }
+            await ws.send_message(json.dumps(frame))
+            while json.loads(await ws.get_message()).get("type") != "ack":
+                pass
+
+    run_id = f"{time.time_ns():x}"
+    convs = [f"bench-stream-{run_id}-{i}" for i in range(args.streams)]
+    warmup = 2.0
+    n_tokens = int(args.rate * (args.seconds + warmup + 5))
+    async with trio.open_nursery() as nursery:
+        for conv in convs:
+            for _ in range(args.viewers):
+                nursery.start_soon(viewer, conv)
+        with trio.fail_after(60):
+            await all_ready.wait()
+        async with trio.open_nursery() as starters:
+            for conv in convs:
+                starters.start_soon(starter, conv, n_tokens)
+        await trio.sleep(warmup)
+        measuring = True
+        t0, c0 = time.monotonic(), time.process_time()
+        await trio.sleep(args.seconds)
+        measuring = False
+        elapsed = time.monotonic() - t0
+        client_cpu = (time.process_time() - c0) / elapsed
+        nursery.cancel_scope.cancel()
+    return {
+        "token_deliveries": tokens,
+        "token_deliveries_per_s": tokens / elapsed,
+        "delta_frames_per_s": frames / elapsed,
+        "latency_p50_ms": pct(latencies, 0.5) * 1000,
+        "latency_p99_ms": pct(latencies, 0.99) * 1000,
+        "offset_gaps": gaps,
+        "client_cpu": client_cpu,
+    }
+
+
+def run(config: Config, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    import trio
+
+    results: dict[str, Any] = {"machine": machine(), "args": vars(args) | {"func": None}}
+    print(f"machine: {results['machine']}")
+    print("measuring raw Redis PUBLISH (plain asyncio, same server)...", flush=True)
+    raw_redis = asyncio.run(raw_redis_publish(config.redis.url, 3.0))
+    extra = (
+        f"[streams]\nmax_streams = {max(200, args.streams * 2)}\n"
+        f"lane_interval_ms = {args.lane_interval_ms}\n"
+    )
+    proc, url = start_chatd(config, tmp, extra)
+    try:
+        print(
+            f"chatd at {url}: {args.streams} replies x {args.rate:g} tokens/s, "
+            f"{args.viewers} viewers each, {args.seconds:g}s measured...",
+            flush=True,
+        )
+        cpu0, t0 = cpu_seconds(proc.pid), time.monotonic()
+        r = trio.run(_drive, url, args)
+        r["server_cpu"] = (cpu_seconds(proc.pid) - cpu0) / (time.monotonic() - t0)
+    finally:
+        proc.terminate()
+        proc.wait(15)
+    target = args.streams * args.rate * args.viewers
+    results.update(raw_redis_publish_per_s=raw_redis, target_deliveries_per_s=target, **r)
+    print()
+    print(f"{'':<34}{'value':>12}")
+    print(f"{'raw redis PUBLISH/s (same run)':<34}{raw_redis:>12.0f}")
+    print(f"{'offered token deliveries/s':<34}{target:>12.0f}")
+    print(f"{'token deliveries/s':<34}{r['token_deliveries_per_s']:>12.0f}")
+    print(f"{'  x offered':<34}{r['token_deliveries_per_s'] / target:>12.2f}")
+    print(f"{'  x raw PUBLISH/s':<34}{r['token_deliveries_per_s'] / raw_redis:>12.2f}")
+    print(f"{'delta frames/s (to clients)':<34}{r['delta_frames_per_s']:>12.0f}")
+    print(f"{'emit -> client p50':<34}{r['latency_p50_ms']:>10.1f}ms")
+    print(f"{'emit -> client p99':<34}{r['latency_p99_ms']:>10.1f}ms")
+    print(f"{'offset gaps seen by clients':<34}{r['offset_gaps']:>12}")
+    print(f"{'chatd server CPU (cores)':<34}{r['server_cpu']:>12.2f}")
+    print(f"{'bench clients CPU (cores)':<34}{r['client_cpu']:>12.2f}")
+    return results

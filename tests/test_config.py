@@ -1,0 +1,48 @@
+"""Configuration: the shipped config.toml is the defaults; bad config names the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from chatd.config import Config, ConfigError, as_dict, config_from_dict, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_shipped_config_toml_lists_exactly_the_defaults():
+    assert load_config(ROOT / "config.toml", {}) == Config()
+
+
+@pytest.mark.parametrize(
+    ("data", "named"),
+    [
+        ({"server": {"prot": 1}}, "[server].prot"),
+        ({"nope": {}}, "[nope]"),
+        ({"server": {"port": "80"}}, "[server].port"),
+        ({"streams": {"max_streams": 0}}, "[streams].max_streams"),
+        ({"model": {"backend": "gpt"}}, "[model].backend"),
+        ({"model": {"backend": "openai"}}, "[model].model"),
+        ({"chaos": {"enabled": True}}, "[chaos].admin_token"),
+        ({"relay": {"poll_interval": -1}}, "[relay].poll_interval"),
+    ],
+)
+def test_bad_config_names_the_key(data, named):
+    with pytest.raises(ConfigError, match=named.replace("[", r"\[").replace("]", r"\]")):
+        config_from_dict(data)
+
+
+def test_environment_overrides_and_secrets_are_masked():
+    cfg = load_config(
+        None,
+        {
+            "CHATD_POSTGRES_DSN": "postgresql://x@h/db",
+            "CHATD_MODEL_API_KEY": "sk-secret",
+            "CHATD_ADMIN_TOKEN": "t" * 20,
+        },
+    )
+    assert cfg.postgres.dsn == "postgresql://x@h/db"
+    assert cfg.model.api_key == "sk-secret"
+    shown = as_dict(cfg)
+    assert shown["model"]["api_key"] == "***" and shown["chaos"]["admin_token"] == "***"
