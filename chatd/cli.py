@@ -1,4 +1,4 @@
-"""The ``chatd`` command line: serve, migrate, config, bench."""
+"""The ``chatd`` command line: serve, migrate, config, status, chaos, bench."""
 
 from __future__ import annotations
 
@@ -113,6 +113,68 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin_request(
+    args: argparse.Namespace, method: str, path: str, body: dict | None = None
+) -> int:
+    """Talk to a running server's admin interface; print its JSON answer."""
+    import json
+
+    import httpx
+
+    config = _load(args)
+    url = args.admin or f"http://{config.chaos.host}:{config.chaos.port}"
+    token = config.chaos.admin_token
+    if not token:
+        print(
+            "chatd: no admin token: set CHATD_ADMIN_TOKEN (or [chaos].admin_token) to the "
+            "server's token",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        resp = httpx.request(
+            method,
+            url.rstrip("/") + path,
+            json=body,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=5.0,
+        )
+    except httpx.HTTPError as exc:
+        print(
+            f"chatd: cannot reach the admin interface at {url}: {exc} "
+            "(is the server running with [chaos].enabled = true?)",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        data = resp.json()
+    except ValueError:
+        data = {"error": resp.text}
+    if resp.status_code != 200:
+        print(f"chatd: {resp.status_code}: {data.get('error', data)}", file=sys.stderr)
+        return 1
+    print(json.dumps(data, indent=2))
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    return _admin_request(args, "GET", "/status")
+
+
+def _cmd_chaos(args: argparse.Namespace) -> int:
+    if args.action == "status":
+        return _admin_request(args, "GET", "/chaos")
+    if args.action == "heal":
+        return _admin_request(args, "POST", "/chaos/heal", {"component": args.component})
+    body = {
+        "component": args.component,
+        "seconds": args.seconds,
+        "latency_ms": args.latency,
+        "fraction": args.fraction,
+    }
+    return _admin_request(args, "POST", "/chaos/break", body)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from chatd import bench
 
@@ -138,6 +200,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_migrate)
     p = sub.add_parser("config", help="print the effective configuration")
     p.set_defaults(func=_cmd_config)
+    admin_help = "admin interface URL (default: http://[chaos].host:[chaos].port)"
+    p = sub.add_parser(
+        "status", help="health, outbox lag and counters of a running server (admin interface)"
+    )
+    p.add_argument("--admin", help=admin_help)
+    p.set_defaults(func=_cmd_status)
+    p = sub.add_parser(
+        "chaos",
+        help="break Postgres or Redis on a running server (needs [chaos].enabled)",
+        description="Open a chaos gate on a running chatd: while it is open every call to the "
+        "component fails as in an outage (or is delayed, or a fraction fails). The admin "
+        "token comes from CHATD_ADMIN_TOKEN or [chaos].admin_token.",
+    )
+    p.add_argument("--admin", help=admin_help)
+    chaos_sub = p.add_subparsers(dest="action", required=True)
+    b = chaos_sub.add_parser("break", help="break a component for some seconds")
+    b.add_argument("component", choices=["postgres", "redis"])
+    b.add_argument("--for", dest="seconds", type=float, required=True, metavar="SECONDS")
+    b.add_argument(
+        "--latency",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="delay every call by MS instead of failing it",
+    )
+    b.add_argument(
+        "--fraction",
+        type=float,
+        default=None,
+        metavar="F",
+        help="fail only this fraction (0-1) of calls",
+    )
+    h = chaos_sub.add_parser("heal", help="close the gate of one component, or all")
+    h.add_argument("component", nargs="?", choices=["postgres", "redis"])
+    chaos_sub.add_parser("status", help="show the gates")
+    p.set_defaults(func=_cmd_chaos)
     p = sub.add_parser("bench", help="benchmarks with printed tables (see 'chatd bench -h')")
     from chatd import bench
 

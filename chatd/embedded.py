@@ -118,6 +118,21 @@ def _check_reachable(path: Path, user: pwd.struct_passwd) -> None:
             )
 
 
+def _children(ppid: int) -> list[int]:
+    """Direct children of ``ppid``, from /proc."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == ppid:
+            out.append(int(entry.name))
+    return out
+
+
 def _wait(proc: subprocess.Popen[bytes], timeout: float) -> None:
     try:
         proc.wait(timeout)
@@ -210,10 +225,13 @@ class PostgresServer:
                 f"initdb failed: {result.stderr.decode(errors='replace').strip()}"
             )
 
-    def start(self) -> None:
-        """Initialise the cluster if needed, start it, create the ``chatd`` database."""
+    def start(self, port: int | None = None) -> None:
+        """Initialise the cluster if needed, start it, create the ``chatd`` database.
+
+        ``port``: listen there (a restart keeps its DSN); default a free port.
+        """
         self._initdb()
-        self.port = free_port()
+        self.port = port or free_port()
         log_path = self.data_dir / "postgres.log"
         logf = open(log_path, "ab")
         self._chown(log_path)
@@ -322,15 +340,22 @@ class PostgresServer:
         self.proc = None
 
     def pause(self) -> None:
-        """SIGSTOP the postmaster and its children: a hang, not an error."""
-        self._signal_group(signal.SIGSTOP)
+        """SIGSTOP the postmaster and every backend: a hang, not an error."""
+        self._signal_all(signal.SIGSTOP)
 
     def resume(self) -> None:
-        self._signal_group(signal.SIGCONT)
+        self._signal_all(signal.SIGCONT)
 
-    def _signal_group(self, sig: signal.Signals) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
+    def _signal_all(self, sig: signal.Signals) -> None:
+        # Backends call setsid(), so the postmaster's process group is not enough.
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.kill(self.proc.pid, sig)  # first, so it forks nothing new meanwhile
+        for pid in _children(self.proc.pid):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
 
 
 class RedisServer:

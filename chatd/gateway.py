@@ -58,6 +58,27 @@ def _map_error(exc: Exception, components: tuple[str, ...]) -> Exception | None:
     return None
 
 
+async def _detached(fn: Callable[..., Awaitable[T]], args: tuple[Any, ...]) -> T:
+    """Run ``fn`` as its own asyncio task, so a deadline never waits for its cleanup.
+
+    Cancelling a driver call can itself block on a hung server (asyncpg
+    sending a cancel request, a pool resetting a connection). On cancellation
+    this returns at once; the task is cancelled and winds down on its own.
+    """
+    task = asyncio.ensure_future(fn(*args))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.cancel()
+        task.add_done_callback(_consume_result)
+        raise
+
+
+def _consume_result(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("abandoned call ended with %r", task.exception())
+
+
 class Gateway:
     """Runs asyncio-side coroutine functions from Trio with deadlines and chaos gates."""
 
@@ -104,10 +125,14 @@ class Gateway:
         for component in components:
             self.calls[component] += 1
         try:
-            for component in components:
-                self.chaos.check(component)
+            delays = [(c, self.chaos.check(c)) for c in components]
             with trio.fail_after(deadline):
-                return await trio_asyncio.aio_as_trio(fn, loop=self._loop)(*args)
+                for component, delay in delays:
+                    if delay:
+                        # Chaos latency mode: slow, still under the call's deadline.
+                        await trio.sleep(delay)
+                        self.chaos.check_after_delay(component)
+                return await trio_asyncio.aio_as_trio(_detached, loop=self._loop)(fn, args)
         except trio.TooSlowError:
             cls = StoreUnavailable if components[0] == "postgres" else BusUnavailable
             err: Exception = cls(f"{'+'.join(components)}: no answer within {deadline:g}s")

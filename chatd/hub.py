@@ -45,6 +45,10 @@ class Subscriber(Protocol):
         """Queue one frame without blocking; False if the client was dropped as too slow."""
         ...
 
+    def subscription_failed(self, conv: str) -> None:
+        """The subscription could not be set up (an error frame was sent); forget it."""
+        ...
+
 
 @dataclass
 class _Sub:
@@ -177,6 +181,7 @@ class Feed:
                 )
             )
             self.hub.forget(join.client, self.conv)
+            join.client.subscription_failed(self.conv)
             return
         streams: list[dict[str, Any]] = []
         have: dict[str, int | None] = {}

@@ -15,6 +15,7 @@ from typing import Any
 import trio
 from trio_websocket import WebSocketRequest, WebSocketServer, serve_websocket
 
+from chatd.admin import serve_admin
 from chatd.bus import Bus, open_bus
 from chatd.chaos import Chaos
 from chatd.config import Config
@@ -45,6 +46,8 @@ class Server:
     streams: Streams
     sessions: set[Session] = field(default_factory=set)
     listener: WebSocketServer | None = None
+    #: Port of the admin interface, when ``[chaos].enabled``.
+    admin_port: int | None = None
     slow_disconnects: int = 0
 
     @property
@@ -71,6 +74,8 @@ class Server:
     async def status(self) -> dict[str, Any]:
         """Health of both components and the outbox lag, for operators."""
         out: dict[str, Any] = {
+            "postgres": "ok",
+            "redis": "ok",
             "connections": len(self.sessions),
             "feeds": len(self.hub.feeds),
             "pubsub_live": self.hub.bus_healthy,
@@ -136,6 +141,8 @@ async def serve(
         await nursery.start(relay.run)
         await nursery.start(hub.run)
         await nursery.start(streams.run)
+        if config.chaos.enabled:
+            server.admin_port = await nursery.start(serve_admin, server)
         try:
             async with trio.open_nursery() as handlers:
                 server.listener = await handlers.start(_listen, server, handlers)

@@ -85,6 +85,10 @@ class Session:
         self._wakeup.set()
         return True
 
+    def subscription_failed(self, conv: str) -> None:
+        # The client was told (an error frame); it may subscribe again.
+        self.subscriptions.discard(conv)
+
     def reply(self, frame: dict[str, Any], ref: Any = None) -> None:
         if ref is not None:
             frame["ref"] = ref

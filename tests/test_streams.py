@@ -321,3 +321,37 @@ async def test_shutdown_interrupts_generating_replies_without_writing_them(
     err = await viewer.expect("stream.error", stream=ack["stream"])
     assert err["code"] == "interrupted"
     assert await _assistant_rows(viewer_srv, conv) == []
+
+
+async def test_reply_finishing_while_postgres_is_down_commits_after_recovery(
+    nursery, postgres, redis_server, connect, conv
+):
+    srv = await nursery.start(serve, _fast(postgres, redis_server))
+    viewer = await connect(srv, "viewer")
+    await viewer.subscribe(conv)
+    ack = await viewer.send_reply(conv, "q1", "#tokens=10 #rate=100")
+    srv.chaos.break_for("postgres", 1.5)  # the reply ends (0.1 s) inside the outage
+    end = await viewer.expect("stream.end", stream=ack["stream"], timeout=10)
+    assert srv.streams.commit_retries > 0
+    rows = await _assistant_rows(srv, conv)
+    assert [(r["seq"], r["status"]) for r in rows] == [(end["seq"], "complete")]
+
+
+async def test_reply_whose_commit_keeps_failing_ends_in_stream_error(
+    nursery, postgres, redis_server, connect, conv
+):
+    cfg = make_config(
+        postgres,
+        redis_server,
+        model={"fake_token_rate": 100.0},
+        streams={"commit_timeout": 1.0},
+    )
+    srv = await nursery.start(serve, cfg)
+    viewer = await connect(srv, "viewer")
+    await viewer.subscribe(conv)
+    ack = await viewer.send_reply(conv, "q1", "#tokens=5")
+    srv.chaos.break_for("postgres", 5)
+    err = await viewer.expect("stream.error", stream=ack["stream"], timeout=10)
+    assert err["code"] == "commit_failed" and err["retryable"] is True
+    srv.chaos.heal()
+    assert await _assistant_rows(srv, conv) == [], "nothing half-written"
