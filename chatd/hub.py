@@ -365,6 +365,11 @@ class Hub:
             assert self._nursery is not None, "hub is not running"
             feed = Feed(self, conv)
             self.feeds[conv] = feed
+            if self.bus.is_live(conv):
+                # Re-joined before the pump dropped the channel: no new
+                # confirmation will come. (If it was being dropped after all,
+                # the re-subscription's confirmation triggers a resync.)
+                feed.ready.set()
             self.bus.wanted.add(conv)
             self._nursery.start_soon(feed.run)
         feed.members += 1

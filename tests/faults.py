@@ -62,6 +62,8 @@ class Watcher:
     texts: dict[str, str] = field(default_factory=dict)  # stream -> text from deltas
     ends: dict[str, dict[str, Any]] = field(default_factory=dict)
     messages: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> message
+    #: Replies this subscription followed (in its snapshot, or live deltas).
+    live: set[str] = field(default_factory=set)
     head: int = 0
 
     async def start(self, nursery: trio.Nursery, after: int | None = None) -> None:
@@ -72,6 +74,7 @@ class Watcher:
         for s in snap["streams"]:
             assert s["offset"] == 0
             self.texts[s["stream"]] = s["text"]
+            self.live.add(s["stream"])
         nursery.start_soon(self._read)
 
     def _message(self, m: dict[str, Any]) -> None:
@@ -90,6 +93,7 @@ class Watcher:
                     # Never a repeat and never a hole: each delta continues the text.
                     assert f["offset"] == len(text), (f, len(text))
                     self.texts[f["stream"]] = text + f["text"]
+                    self.live.add(f["stream"])
                 elif kind in ("stream.end", "stream.error"):
                     self.ends[f["stream"]] = f
         except ConnectionClosed:

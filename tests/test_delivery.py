@@ -115,3 +115,19 @@ async def test_subscriber_resyncs_after_redis_restart(nursery, postgres, own_red
     assert [m["seq"] for m in got] == [1, 2, 3, 4, 5]
     await trio.sleep(0.3)
     assert not [f for f in reader._unread if f.get("type") == "message"], "no duplicates"
+
+
+async def test_resubscribing_at_once_is_not_delayed(server, connect, conv):
+    """Unsubscribe + subscribe before the pub/sub pump dropped the channel: no new
+    Redis confirmation comes, so the feed must not wait for one."""
+    c = await connect(server, "alice")
+    await c.subscribe(conv)
+    for _ in range(3):
+        assert (await c.request({"op": "unsubscribe", "conv": conv}, "unsubscribed"))["type"]
+        t0 = trio.current_time()
+        await c.subscribe(conv, after=0)
+        assert trio.current_time() - t0 < 0.5
+    # And it is live.
+    other = await connect(server, "bob")
+    await other.send_message(conv, "m1")
+    assert (await c.messages(conv, 1))[0]["seq"] == 1

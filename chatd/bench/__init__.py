@@ -15,10 +15,16 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from chatd.bench import sends, stream
+from chatd.bench import load, reads, reconnect, sends, stream
 from chatd.config import Config
 
-_BENCHES = {"sends": sends, "stream": stream}
+_BENCHES = {
+    "load": load,
+    "reads": reads,
+    "reconnect": reconnect,
+    "sends": sends,
+    "stream": stream,
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,206 @@
+"""``chatd bench reconnect``: a storm of K clients reconnecting at once with cursors.
+
+K clients subscribe (K/per_conv conversations), read the tail, record their
+cursor and disconnect. While they are away M messages are committed per
+conversation and a reply starts streaming in some conversations. Then all K
+reconnect at once, each subscribing with ``after`` = its cursor (and the
+stream offsets it had); more messages arrive during the storm. A client is
+caught up when it holds every message up to the final head. Reported: time
+until all are caught up, per-client p50/p99, and the gaps and duplicates
+found (both must be zero), including stream text that repeats or skips.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from chatd.bench.common import cpu_seconds, machine, pct, start_chatd
+from chatd.config import Config
+
+
+def add_parser(sub: Any) -> None:
+    s = sub.add_parser("reconnect", help="K clients reconnecting at once: time to catch up, gaps")
+    s.add_argument("--clients", type=int, default=1000)
+    s.add_argument("--per-conv", type=int, default=10, help="clients per conversation")
+    s.add_argument("--missed", type=int, default=20, help="messages per conversation while away")
+    s.add_argument("--streams", type=int, default=10, help="conversations with a reply streaming")
+    s.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+
+
+class _Client:
+    def __init__(self, conv: str) -> None:
+        self.conv = conv
+        self.seqs: list[int] = []
+        self.texts: dict[str, str] = {}
+        self.problems: list[str] = []
+        self.caught_up_at: float | None = None
+
+    def take(self, msg: dict[str, Any]) -> None:
+        kind = msg.get("type")
+        if kind == "snapshot":
+            for m in msg["messages"]:
+                self._seq(m["seq"])
+            for s in msg.get("streams", []):
+                have = self.texts.get(s["stream"], "")
+                if s["offset"] != len(have):
+                    self.problems.append(f"snapshot offset {s['offset']} != {len(have)}")
+                self.texts[s["stream"]] = have[: s["offset"]] + s["text"]
+        elif kind == "message":
+            self._seq(msg["seq"])
+        elif kind == "delta":
+            have = self.texts.get(msg["stream"], "")
+            if msg["offset"] != len(have):
+                self.problems.append(f"delta at {msg['offset']}, text had {len(have)}")
+            self.texts[msg["stream"]] = have + msg["text"]
+
+    def _seq(self, seq: int) -> None:
+        if self.seqs and seq != self.seqs[-1] + 1:
+            self.problems.append(f"seq {seq} after {self.seqs[-1]}")
+        self.seqs.append(seq)
+
+
+async def _drive(url: str, args: argparse.Namespace) -> dict[str, Any]:
+    import trio
+    from trio_websocket import open_websocket_url
+
+    run = f"{time.time_ns() % 10**10:x}"
+    n_convs = max(1, args.clients // args.per_conv)
+    convs = [f"rc-{run}-{i}" for i in range(n_convs)]
+    clients = [_Client(convs[i % n_convs]) for i in range(args.clients)]
+    heads: dict[str, int] = {}
+
+    async def send(ws: Any, conv: str, mid: str, reply: bool = False) -> None:
+        frame = {"op": "send", "conv": conv, "id": mid, "text": "storm", "ref": mid}
+        if reply:
+            frame["reply"] = True
+            frame["text"] = "#tokens=400 #rate=40"
+        await ws.send_message(json.dumps(frame))
+        while True:
+            msg = json.loads(await ws.get_message())
+            if msg.get("ref") == mid:
+                assert msg["type"] == "ack", msg
+                heads[conv] = max(heads.get(conv, 0), msg["seq"])
+                return
+
+    async def session(
+        c: _Client,
+        after: int | None,
+        offsets: dict[str, int],
+        ready: trio.Event | None,
+        stop: trio.Event,
+        t0: float,
+    ) -> None:
+        async with open_websocket_url(url, message_queue_size=0) as ws:
+            await ws.send_message(json.dumps({"op": "hello", "user": "storm"}))
+            frame: dict[str, Any] = {"op": "subscribe", "conv": c.conv}
+            if after is not None:
+                frame["after"] = after
+            if offsets:
+                frame["streams"] = offsets
+            await ws.send_message(json.dumps(frame))
+            with trio.move_on_after(60):
+                while not stop.is_set():
+                    with trio.move_on_after(0.2):
+                        msg = json.loads(await ws.get_message())
+                        c.take(msg)
+                        if msg.get("type") == "snapshot" and ready is not None:
+                            ready.set()
+                    done = target.get(c.conv, 1 << 62)
+                    if c.caught_up_at is None and c.seqs and c.seqs[-1] >= done:
+                        c.caught_up_at = time.monotonic() - t0
+
+    target: dict[str, int] = {}  # the last seq of the storm, per conversation
+    async with open_websocket_url(url) as sender:
+        await sender.send_message(json.dumps({"op": "hello", "user": "sender"}))
+        await sender.get_message()
+        for conv in convs:
+            await send(sender, conv, "seed")
+        # Phase 1: everyone subscribes, reads, leaves.
+        stop = trio.Event()
+        async with trio.open_nursery() as n:
+            readies = []
+            for c in clients:
+                ready = trio.Event()
+                readies.append(ready)
+                n.start_soon(session, c, None, {}, ready, stop, time.monotonic())
+            for r in readies:
+                await r.wait()
+            for conv in convs[: args.streams]:
+                await send(sender, conv, "ask", reply=True)
+            await trio.sleep(1.0)  # the replies stream; clients get some deltas
+            stop.set()
+        cursors = [c.seqs[-1] if c.seqs else 0 for c in clients]
+        offsets = [{s: len(t) for s, t in c.texts.items()} for c in clients]
+        # While they are away.
+        for conv in convs:
+            for k in range(args.missed):
+                await send(sender, conv, f"away{k}")
+        # Phase 2: the storm. One more message per conversation arrives during it.
+        target.update({conv: heads[conv] + 1 for conv in convs})
+        for c in clients:
+            c.seqs, c.caught_up_at = [], None
+        stop = trio.Event()
+        t0 = time.monotonic()
+        async with trio.open_nursery() as n:
+            for c, cur, off in zip(clients, cursors, offsets, strict=True):
+                n.start_soon(session, c, cur, off, None, stop, t0)
+            await trio.sleep(0.05)
+            for conv in convs:  # live tail during the storm
+                await send(sender, conv, "during")
+            with trio.move_on_after(60):
+                while any(c.caught_up_at is None for c in clients):  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+            all_done = time.monotonic() - t0
+            stop.set()
+    times = [c.caught_up_at for c in clients if c.caught_up_at is not None]
+    problems = [p for c in clients for p in c.problems]
+    dups = sum(len(c.seqs) - len(set(c.seqs)) for c in clients)
+    expected_first = [cur + 1 for cur in cursors]
+    wrong_start = sum(
+        1 for c, e in zip(clients, expected_first, strict=True) if c.seqs and c.seqs[0] != e
+    )
+    return {
+        "clients": args.clients,
+        "caught_up": len(times),
+        "all_caught_up_s": all_done,
+        "client_p50_s": pct(times, 0.5),
+        "client_p99_s": pct(times, 0.99),
+        "gaps_or_order_problems": len(problems) + wrong_start,
+        "duplicates": dups,
+        "problem_examples": problems[:5],
+    }
+
+
+def run(config: Config, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    import trio
+
+    results: dict[str, Any] = {"machine": machine(), "args": vars(args) | {"func": None}}
+    print(f"machine: {results['machine']}")
+    proc, url = start_chatd(config, tmp, "[streams]\nmax_streams = 1000\n")
+    try:
+        print(
+            f"chatd at {url}: {args.clients} clients, {args.per_conv} per conversation, "
+            f"{args.missed} missed messages each, {args.streams} replies streaming...",
+            flush=True,
+        )
+        cpu0 = cpu_seconds(proc.pid)
+        r = trio.run(_drive, url, args)
+        r["server_cpu_s"] = cpu_seconds(proc.pid) - cpu0
+    finally:
+        proc.terminate()
+        proc.wait(15)
+    results.update(r)
+    print()
+    print(f"{'clients reconnecting at once':<34}{r['clients']:>10}")
+    print(f"{'caught up':<34}{r['caught_up']:>10}")
+    print(f"{'all caught up after':<34}{r['all_caught_up_s']:>9.2f}s")
+    print(f"{'per client p50 / p99':<34}{r['client_p50_s']:>6.2f}s /{r['client_p99_s']:>5.2f}s")
+    print(f"{'gaps / order problems':<34}{r['gaps_or_order_problems']:>10}")
+    print(f"{'duplicates':<34}{r['duplicates']:>10}")
+    for p in r["problem_examples"]:
+        print(f"  e.g. {p}")
+    return results

@@ -1,0 +1,56 @@
+"""Smoke runs of every `chatd bench` subcommand at a tiny size, so the harness keeps working.
+
+Each starts its own embedded PostgreSQL and Redis in a temp dir, as a user would.
+The numbers are not asserted (speed is proved by the benchmarks, not by tests);
+the correctness checks the benchmarks make (gaps, duplicates) are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import trio
+
+
+async def _bench(tmp_path, *args: str) -> dict:
+    out = tmp_path / "result.json"
+    proc = await trio.run_process(
+        [sys.executable, "-m", "chatd.cli", "bench", *args, "--json", str(out)],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+        cwd=tmp_path,
+        env={k: v for k, v in os.environ.items() if not k.startswith("CHATD_")},
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert b"machine:" in proc.stdout
+    return json.loads(out.read_text())
+
+
+async def test_bench_load_and_reads(tmp_path):
+    r = await _bench(tmp_path, "load", "--events", "3k")
+    assert r["events"] >= 3000 and r["messages_total"] > 0
+    png = tmp_path / "reads.png"
+    r = await _bench(tmp_path, "reads", "--sizes", "1k,3k", "--samples", "10", "--plot", str(png))
+    assert [s["events"] >= n for s, n in zip(r["sizes"], (1000, 3000), strict=True)] == [True, True]
+    assert all(s["chatd_snapshot_p50_ms"] > 0 for s in r["sizes"])
+    pytest.importorskip("matplotlib")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+async def test_bench_reconnect_storm_has_no_gaps(tmp_path):
+    r = await _bench(tmp_path, "reconnect", "--clients", "30", "--streams", "2", "--missed", "5")
+    assert r["caught_up"] == 30
+    assert r["gaps_or_order_problems"] == 0 and r["duplicates"] == 0
+
+
+async def test_bench_sends_and_stream(tmp_path):
+    r = await _bench(
+        tmp_path, "sends", "--seconds", "1", "--senders", "2", "--convs", "2", "--viewers", "1"
+    )
+    assert r["full"]["acked"] > 0 and r["full"]["errors"] == 0
+    r = await _bench(tmp_path, "stream", "--streams", "3", "--seconds", "1")
+    assert r["token_deliveries"] > 0 and r["offset_gaps"] == 0
