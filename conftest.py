@@ -9,6 +9,7 @@ profile before conftests in subdirectories are loaded.
 * ``mutation``: generated interleavings only, for ``python -m fuzz.mutations``.
 """
 
+import pytest
 from hypothesis import HealthCheck, Phase, settings
 
 _COMMON = dict(
@@ -35,3 +36,21 @@ settings.register_profile(
 )
 
 settings.load_profile("ci")
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--fuzz-examples",
+        type=int,
+        default=None,
+        metavar="N",
+        help="override max_examples of the Hypothesis profile (e.g. a shorter long run)",
+    )
+
+
+@pytest.hookimpl(trylast=True)  # after Hypothesis loaded --hypothesis-profile
+def pytest_configure(config):
+    n = config.getoption("--fuzz-examples")
+    if n:
+        settings.register_profile("cli-examples", parent=settings.default, max_examples=n)
+        settings.load_profile("cli-examples")

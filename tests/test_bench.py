@@ -7,11 +7,11 @@ the correctness checks the benchmarks make (gaps, duplicates) are.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
 
-import pytest
 import trio
 
 
@@ -37,8 +37,10 @@ async def test_bench_load_and_reads(tmp_path):
     r = await _bench(tmp_path, "reads", "--sizes", "1k,3k", "--samples", "10", "--plot", str(png))
     assert [s["events"] >= n for s, n in zip(r["sizes"], (1000, 3000), strict=True)] == [True, True]
     assert all(s["chatd_snapshot_p50_ms"] > 0 for s in r["sizes"])
-    pytest.importorskip("matplotlib")
-    assert png.read_bytes()[:4] == b"\x89PNG"
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert png.read_bytes()[:4] == b"\x89PNG"
+    else:  # plots are an optional extra: chatd[bench]
+        assert not png.exists()
 
 
 async def test_bench_reconnect_storm_has_no_gaps(tmp_path):
