@@ -179,6 +179,9 @@ class World:
     nursery: trio.Nursery
     run_id: str
     senders: list[Client] = field(default_factory=list)
+    #: One request at a time per sending connection: the test client's
+    #: request() reads replies itself, so two concurrent callers can miss theirs.
+    locks: list[trio.Lock] = field(default_factory=list)
     watchers: list[Watcher] = field(default_factory=list)
     old_watchers: list[tuple[Watcher, int]] = field(default_factory=list)
     starts: dict[int, int] = field(default_factory=dict)  # id(watcher) -> cursor it started at
@@ -198,6 +201,7 @@ class World:
     async def setup(self) -> None:
         for i in range(CLIENTS):
             self.senders.append(await self._client(f"s{i}"))
+            self.locks.append(trio.Lock())
             w = Watcher(await self._client(f"w{i}"), self.conv(i % CONVS))
             await w.start(self.nursery, after=0)
             self.starts[id(w)] = 0
@@ -212,7 +216,8 @@ class World:
                 await trio.lowlevel.checkpoint()
             await self._settle_faults()
 
-    async def _send(self, client: Client, record: _Sent, reply: _Stream | None) -> None:
+    async def _send(self, c: int, record: _Sent, reply: _Stream | None) -> None:
+        client = self.senders[c]
         frame: dict[str, Any] = {"op": "send", "conv": record.conv, "id": record.mid, "text": "x"}
         if reply is not None:
             frame["reply"] = True
@@ -221,7 +226,8 @@ class World:
             )
         with trio.fail_after(60):
             while True:
-                answer = await client.request(frame, "ack", timeout=60)
+                async with self.locks[c]:
+                    answer = await client.request(frame, "ack", timeout=60)
                 if answer["type"] == "ack":
                     break
                 assert answer["code"] == "unavailable" and answer["retryable"], answer
@@ -234,7 +240,7 @@ class World:
     async def _do_Send(self, step: Send, bg: trio.Nursery) -> None:
         rec = _Sent(self.conv(step.conv), f"m{next(self._ids)}")
         self.sent.append(rec)
-        bg.start_soon(self._send, self.senders[step.c], rec, None)
+        bg.start_soon(self._send, step.c, rec, None)
 
     async def _do_Resend(self, step: Resend, bg: trio.Nursery) -> None:
         originals = [s for s in self.sent if s.duplicate_of is None]
@@ -243,13 +249,13 @@ class World:
         orig = originals[step.k % len(originals)]
         rec = _Sent(orig.conv, orig.mid, duplicate_of=self.sent.index(orig))
         self.sent.append(rec)
-        bg.start_soon(self._send, self.senders[step.c], rec, None)
+        bg.start_soon(self._send, step.c, rec, None)
 
     async def _do_Reply(self, step: Reply, bg: trio.Nursery) -> None:
         rec = _Sent(self.conv(step.conv), f"m{next(self._ids)}")
         self.sent.append(rec)
         stream = _Stream(rec.conv, "", step.tokens, step.fail_at)
-        bg.start_soon(self._send, self.senders[step.c], rec, stream)
+        bg.start_soon(self._send, step.c, rec, stream)
 
     async def _do_Stop(self, step: Stop, bg: trio.Nursery) -> None:
         mine = [s for s in self.streams if s.conv == self.conv(step.conv)]
@@ -260,7 +266,8 @@ class World:
         frame = {"op": "stop", "conv": mine[-1].conv, "stream": mine[-1].id}
 
         async def _stop() -> None:
-            reply = await client.request(frame, "stopping", timeout=30)
+            async with self.locks[step.c]:
+                reply = await client.request(frame, "stopping", timeout=30)
             assert reply["type"] == "stopping" or reply["code"] in ("unknown_stream", "unavailable")
 
         bg.start_soon(_stop)

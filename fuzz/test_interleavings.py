@@ -43,6 +43,22 @@ def _config(pg, rs):
 @given(program=programs())
 # Interleavings that once failed, or that pin a tricky case:
 @example(program=[Break(component="postgres", ms=800), Reconnect(c=0), Send(c=0, conv=0)])
+# Found by a long run: concurrent requests on one test connection lost a reply
+# (a harness bug, fixed with a lock per sending connection).
+@example(
+    program=[
+        Send(c=2, conv=1),
+        Send(c=2, conv=0),
+        Reconnect(c=2),
+        Reply(c=0, conv=0, tokens=26, fail_at=8),
+        Wait(ms=260),
+        Resend(c=1, k=7),
+        Send(c=0, conv=1),
+        Stop(c=0, conv=0),
+        Stop(c=0, conv=0),
+        Stop(c=1, conv=1),
+    ]
+)
 @example(
     program=[
         Reply(c=0, conv=0, tokens=25, fail_at=None),
