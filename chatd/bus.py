@@ -231,10 +231,6 @@ class Bus:
     async def ping(self) -> bool:
         return await self.gateway.redis(_aio_ping, self.client)
 
-    def is_live(self, conv: str) -> bool:
-        """Whether Redis already delivers ``conv``'s channel to this process."""
-        return conv in self._subscribed and not self._broken
-
     async def publish_control(self, data: str) -> None:
         """Publish a message to every chatd process (e.g. stop a stream running elsewhere)."""
         await self.gateway.redis(_aio_publish, self.client, CONTROL_CHANNEL, data)

@@ -31,7 +31,6 @@ log = logging.getLogger("chatd.hub")
 
 _FILL_PAGE = 500
 _FEED_QUEUE = 4096
-_JOIN_READY_WAIT = 1.0
 _STREAM_KINDS = frozenset({"stream.start", "delta", "stream.end", "stream.error"})
 
 
@@ -106,7 +105,6 @@ class Feed:
         self.conv = conv
         self.subs: dict[int, _Sub] = {}
         self.members = 0
-        self.ready = trio.Event()
         self.needs_resync = False
         self.send, self.receive = trio.open_memory_channel[Any](_FEED_QUEUE)
 
@@ -153,10 +151,9 @@ class Feed:
             self.needs_resync = True
 
     async def _on_join(self, join: _Join) -> None:
-        # Read the snapshot only once the Redis subscription is live, so that
-        # any message missing from the snapshot is published after it.
-        with trio.move_on_after(_JOIN_READY_WAIT):
-            await self.ready.wait()
+        # No waiting for the Redis subscription to go live: whatever commits
+        # between this snapshot and the subscription's confirmation is read
+        # from Postgres by the resync that the confirmation triggers.
         # In-flight replies first, then Postgres: a reply that commits in between
         # is reported as committed and dropped from the in-flight list.
         try:
@@ -365,11 +362,6 @@ class Hub:
             assert self._nursery is not None, "hub is not running"
             feed = Feed(self, conv)
             self.feeds[conv] = feed
-            if self.bus.is_live(conv):
-                # Re-joined before the pump dropped the channel: no new
-                # confirmation will come. (If it was being dropped after all,
-                # the re-subscription's confirmation triggers a resync.)
-                feed.ready.set()
             self.bus.wanted.add(conv)
             self._nursery.start_soon(feed.run)
         feed.members += 1
@@ -427,7 +419,6 @@ class Hub:
         if feed is None:
             return
         if kind == "subscribe":
-            feed.ready.set()
             feed.put(_Resync())
             return
         self.events += 1
