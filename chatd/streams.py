@@ -22,6 +22,7 @@ import secrets
 import time
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import orjson
@@ -84,6 +85,11 @@ class Stream:
             "role": "assistant",
             "ts": self.started_ms,
         }
+
+    @cached_property
+    def meta_json(self) -> str:
+        # Sent with every lane batch while the reply lives; it never changes.
+        return orjson.dumps(self.meta()).decode()
 
 
 class Streams:
@@ -367,7 +373,7 @@ class Streams:
                     text=piece,
                     parts=s.parts,
                     upto=n,
-                    meta="" if ending else orjson.dumps(s.meta()).decode(),
+                    meta="" if ending else s.meta_json,
                     frames=tuple(frames),
                 )
             )
