@@ -159,4 +159,18 @@ async def open_gateway(
 ) -> AsyncIterator[Gateway]:
     """Open the asyncio bridge (a trio-asyncio loop) for the lifetime of the server."""
     async with trio_asyncio.open_loop() as loop:
+        loop.set_exception_handler(_log_stray_error)
         yield Gateway(loop, chaos, postgres_timeout=postgres_timeout, redis_timeout=redis_timeout)
+
+
+def _log_stray_error(loop: Any, context: dict[str, Any]) -> None:
+    """Log an error no caller is waiting for, instead of crashing the server.
+
+    trio-asyncio's default handler re-raises it into the loop's nursery, which
+    would stop chatd. Every call's own outcome reaches its caller through the
+    gateway; what ends up here is driver cleanup nobody awaits any more (e.g.
+    asyncpg resetting a connection on release after its call was abandoned
+    at the deadline while Postgres hung).
+    """
+    exc = context.get("exception")
+    log.warning("asyncio: %s%s", context.get("message", "error"), f": {exc!r}" if exc else "")

@@ -12,6 +12,9 @@ commits complete and its deltas never repeat or skip.
 
 from __future__ import annotations
 
+import asyncio
+import gc
+
 import pytest
 import trio
 
@@ -197,3 +200,27 @@ async def test_hung_servers_never_stall_other_clients(env):
     status = await c.request({"op": "status"}, "status", timeout=15)
     assert status["postgres"] == "ok" and status["redis"] == "ok"
     await check_outbox_drains(srv)
+
+
+async def test_stray_asyncio_error_is_logged_not_fatal(server, connect, conv, caplog):
+    """Driver cleanup that nobody awaits any more (asyncpg resetting a connection
+    after its call was abandoned at the deadline) may fail on the asyncio side.
+    trio-asyncio's default would re-raise that into the loop and stop chatd."""
+
+    async def orphan_failure() -> None:
+        async def cleanup() -> None:
+            raise TimeoutError("reset of an abandoned connection")
+
+        task = asyncio.ensure_future(cleanup())
+        await asyncio.sleep(0.01)
+        assert task.done()
+        del task  # its exception is never retrieved
+        gc.collect()
+
+    c = await connect(server)
+    await server.gateway.postgres(orphan_failure)
+    await trio.sleep(0.2)
+    assert (await c.request({"op": "ping"}, "pong"))["type"] == "pong"
+    ack = await c.send_message(conv, "after-the-stray-error")
+    assert ack["type"] == "ack"
+    assert "reset of an abandoned connection" in caplog.text
