@@ -31,6 +31,7 @@ log = logging.getLogger("chatd.hub")
 
 _FILL_PAGE = 500
 _FEED_QUEUE = 4096
+_FEED_BURST = 256
 _STREAM_KINDS = frozenset({"stream.start", "delta", "stream.end", "stream.error"})
 
 
@@ -128,6 +129,14 @@ class Feed:
                     except trio.EndOfChannel:
                         return
                     await self._handle(item)
+                    # Whatever queued meanwhile is handled without a scheduler
+                    # round per item (a relay batch arrives all at once).
+                    for _ in range(_FEED_BURST):
+                        try:
+                            item = self.receive.receive_nowait()
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                        await self._handle(item)
                 if self.needs_resync:
                     if await self._resync():
                         retry = 0.05
@@ -421,6 +430,12 @@ class Hub:
         if kind == "subscribe":
             feed.put(_Resync())
             return
+        # The relay sends a conversation's batch as one message, an event per line
+        # (JSON text never holds a raw newline).
+        for line in data.split("\n") if "\n" in data else (data,):
+            self._route_event(feed, conv, line)
+
+    def _route_event(self, feed: Feed, conv: str, data: str) -> None:
         self.events += 1
         try:
             obj = orjson.loads(data)

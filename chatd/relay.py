@@ -1,9 +1,10 @@
 """The relay: drains the outbox from Postgres to Redis.
 
-Each batch, in one transaction and one gateway crossing: claim up to N outbox
-rows with ``FOR UPDATE SKIP LOCKED`` (safe with several chatd processes, and a
-row that commits late is simply claimed by a later batch: nothing is skipped
-by a cursor), publish them with one pipelined round trip, delete them, commit.
+Each batch, in one transaction and one gateway crossing: claim and delete up
+to N outbox rows with ``FOR UPDATE SKIP LOCKED`` (safe with several chatd
+processes, and a row that commits late is simply claimed by a later batch:
+nothing is skipped by a cursor), publish them with one pipelined round trip
+(one message per conversation, its events newline-separated), then commit.
 If the publish fails the transaction rolls back and the rows stay. Publishing
 is therefore at-least-once; subscribers dedupe by seq.
 
@@ -31,20 +32,25 @@ log = logging.getLogger("chatd.relay")
 
 async def _aio_relay_batch(pool: asyncpg.Pool, client: aioredis.Redis, limit: int) -> int:
     async with pool.acquire() as con, con.transaction():
+        # Deleted inside the transaction, which commits only after Redis accepted
+        # every publish; a failed publish rolls the rows back into the outbox.
         rows = await con.fetch(
-            "SELECT id, conv_id, payload FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+            "DELETE FROM outbox WHERE id IN "
+            "(SELECT id FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) "
+            "RETURNING id, conv_id, payload",
             limit,
         )
         if not rows:
             return 0
+        # One PUBLISH per conversation, its events in id (= seq) order, one per
+        # line: subscribers parse one Redis message per conversation per batch.
+        by_conv: dict[str, list[str]] = {}
+        for r in sorted(rows, key=lambda r: r["id"]):
+            by_conv.setdefault(r["conv_id"], []).append(r["payload"])
         async with client.pipeline(transaction=False) as pipe:
-            for r in rows:
-                pipe.publish(channel(r["conv_id"]), r["payload"])
+            for conv, payloads in by_conv.items():
+                pipe.publish(channel(conv), "\n".join(payloads))
             await pipe.execute()
-        # Only after Redis accepted every publish.
-        await con.execute(
-            "DELETE FROM outbox WHERE id = ANY($1::bigint[])", [r["id"] for r in rows]
-        )
         return len(rows)
 
 

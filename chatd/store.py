@@ -2,7 +2,8 @@
 
 Writes go through one group committer: sends arriving while a commit is in
 flight (or within ``group_commit_window_ms``) are committed together in one
-transaction, each still answered individually. Per conversation, the
+transaction and one round trip (the ``chatd_commit`` function), each still
+answered individually. Per conversation, the
 ``conversations`` row is locked inside that transaction and seqs are assigned
 from its ``head``, so they are gapless and strictly increasing. Each message
 row and its outbox row land in the same transaction.
@@ -16,6 +17,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -74,7 +76,6 @@ class Snapshot:
 
 def message_dict(row: asyncpg.Record | dict[str, Any]) -> dict[str, Any]:
     """A message as it appears on the wire (without ``type``/``conv``)."""
-    created = row["created_at"]
     return {
         "seq": row["seq"],
         "id": row["client_id"],
@@ -82,8 +83,17 @@ def message_dict(row: asyncpg.Record | dict[str, Any]) -> dict[str, Any]:
         "role": row["role"],
         "status": row["status"],
         "text": row["body"],
-        "ts": int(created.timestamp() * 1000),
+        "ts": _millis(row["created_at"]),
     }
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+
+
+def _millis(t: datetime) -> int:
+    # Exact (no float rounding), so it matches the commit function's floor(epoch * 1000).
+    return (t - _EPOCH) // _MS
 
 
 def message_event(conv: str, message: dict[str, Any]) -> dict[str, Any]:
@@ -107,87 +117,49 @@ async def _aio_create_pool(config: Config) -> asyncpg.Pool:
     )
 
 
+def _event_template(m: NewMessage) -> tuple[str, str]:
+    """The live event's JSON around its seq and ts, which only the commit knows.
+
+    Must encode exactly as ``encode(message_event(conv, message_dict(row)))``.
+    """
+    d = orjson.dumps
+    head = b'{"type":"message","conv":' + d(m.conv) + b',"seq":'
+    mid = b"".join(
+        [
+            *(b',"id":', d(m.client_id), b',"user":', d(m.user), b',"role":', d(m.role)),
+            *(b',"status":', d(m.status), b',"text":', d(m.text), b',"ts":'),
+        ]
+    )
+    return head.decode(), mid.decode()
+
+
 async def _aio_commit_batch(pool: asyncpg.Pool, msgs: list[NewMessage]) -> list[Committed]:
-    async with pool.acquire() as con, con.transaction():
-        convs = sorted({m.conv for m in msgs})
-        # Lock conversations in a fixed order so concurrent batches cannot deadlock.
-        await con.execute(
-            "INSERT INTO conversations (id) SELECT c FROM unnest($1::text[]) AS c ORDER BY c "
-            "ON CONFLICT DO NOTHING",
-            convs,
-        )
-        rows = await con.fetch(
-            "SELECT id, head, now() AS now FROM conversations WHERE id = ANY($1::text[]) "
-            "ORDER BY id FOR UPDATE",
-            convs,
-        )
-        heads = {r["id"]: r["head"] for r in rows}
-        now = rows[0]["now"]
-        # Under the row locks, earlier commits of these ids are visible and final.
-        existing = await con.fetch(
-            f"SELECT m.conv_id, {_COLUMNS} FROM messages m "
-            "JOIN unnest($1::text[], $2::text[]) AS k(conv_id, client_id) "
-            "USING (conv_id, client_id)",
-            [m.conv for m in msgs],
-            [m.client_id for m in msgs],
-        )
-        known: dict[tuple[str, str], Committed] = {}
-        for r in existing:
-            msg = message_dict(r)
-            known[(r["conv_id"], r["client_id"])] = Committed(
-                r["conv_id"], r["client_id"], r["seq"], True, msg
-            )
-        results: list[Committed] = []
-        new_rows: list[tuple[Any, ...]] = []
-        outbox: list[tuple[str, int, str]] = []
-        ts = int(now.timestamp() * 1000)
-        for m in msgs:
-            key = (m.conv, m.client_id)
-            if key in known:
-                prior = known[key]
-                results.append(Committed(m.conv, m.client_id, prior.seq, True, prior.message))
-                continue
-            seq = heads[m.conv] + 1
-            heads[m.conv] = seq
-            message = {
-                "seq": seq,
-                "id": m.client_id,
-                "user": m.user,
-                "role": m.role,
-                "status": m.status,
-                "text": m.text,
-                "ts": ts,
-            }
-            committed = Committed(m.conv, m.client_id, seq, False, message)
-            known[key] = committed
-            results.append(committed)
-            new_rows.append((m.conv, seq, m.client_id, m.user, m.role, m.status, m.text))
-            outbox.append((m.conv, seq, orjson.dumps(message_event(m.conv, message)).decode()))
-        if new_rows:
-            cols = list(zip(*new_rows, strict=True))
-            await con.execute(
-                "INSERT INTO messages (conv_id, seq, client_id, user_id, role, status, body, created_at) "
-                "SELECT c, s, i, u, r, st, b, $8 FROM unnest($1::text[], $2::bigint[], $3::text[], "
-                "$4::text[], $5::text[], $6::text[], $7::text[]) AS t(c, s, i, u, r, st, b)",
-                *cols,
-                now,
-            )
-            ocols = list(zip(*outbox, strict=True))
-            await con.execute(
-                "INSERT INTO outbox (conv_id, seq, payload) "
-                "SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[])",
-                *ocols,
-            )
-            changed = sorted({row[0] for row in new_rows})
-            await con.execute(
-                "UPDATE conversations c SET head = v.head "
-                "FROM unnest($1::text[], $2::bigint[]) AS v(id, head) WHERE c.id = v.id",
-                changed,
-                [heads[c] for c in changed],
-            )
-            # Delivered at commit: wakes every relay without waiting for its poll.
-            await con.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
-        return results
+    # One round trip: see chatd/migrations/0002_commit_function.sql.
+    templates = [_event_template(m) for m in msgs]
+    rows = await pool.fetch(
+        "SELECT * FROM chatd_commit($1, $2, $3, $4, $5, $6, $7, $8)",
+        [m.conv for m in msgs],
+        [m.client_id for m in msgs],
+        [m.user for m in msgs],
+        [m.role for m in msgs],
+        [m.status for m in msgs],
+        [m.text for m in msgs],
+        [t[0] for t in templates],
+        [t[1] for t in templates],
+    )
+    results = []
+    for m, r in zip(msgs, rows, strict=True):
+        message = {
+            "seq": r["seq"],
+            "id": m.client_id,
+            "user": r["user_id"],
+            "role": r["role"],
+            "status": r["status"],
+            "text": r["body"],
+            "ts": _millis(r["created_at"]),
+        }
+        results.append(Committed(m.conv, m.client_id, r["seq"], r["duplicate"], message))
+    return results
 
 
 async def _aio_snapshot(
@@ -287,7 +259,13 @@ class Store:
         Submission order is commit order: sends queued in order by one caller
         get increasing seqs within a conversation.
         """
-        await self._send.send(_Pending(msg, on_done))
+        pending = _Pending(msg, on_done)
+        # The committer's queue is rarely full: skip the scheduler round when it isn't.
+        # (A waiting sender keeps its place: send() queues behind earlier waiters.)
+        try:
+            self._send.send_nowait(pending)
+        except trio.WouldBlock:
+            await self._send.send(pending)
 
     async def send(self, msg: NewMessage) -> Committed:
         """Commit one message and wait for the outcome (raises on failure)."""

@@ -6,7 +6,9 @@ import math
 
 import trio
 
+from chatd.protocol import encode
 from chatd.server import serve
+from chatd.store import NewMessage, _aio_commit_batch, message_dict, message_event
 from tests.conftest import sql, wait_until
 
 
@@ -88,6 +90,59 @@ async def test_racing_duplicate_sends_collapse_to_one(server, connect, conv):
     assert await sql(server, "SELECT count(*) AS n FROM messages WHERE conv_id = $1", conv) == [
         {"n": 1}
     ]
+
+
+async def test_group_commit_batch_in_one_call(server, conv):
+    """One batch with two conversations, an earlier send retried and a send repeated
+    within the batch: seqs, duplicates and the outbox payloads (encoded partly by
+    Postgres) are exactly what the rest of chatd produces."""
+    server.chaos.break_for("redis", math.inf)  # keep the outbox rows for inspection
+    other = conv + "-b"
+    await server.store.send(NewMessage(conv, "early", "alice", "first"))
+    tricky = 'quote " backslash \\ newline \n tab \t nul-free \u2028 emoji \U0001f600 \u00e9'
+    batch = [
+        NewMessage(conv, "a1", "alice", tricky),
+        NewMessage(other, "b1", 'bob "the" builder', "hi"),
+        NewMessage(conv, "early", "alice", "retried, different text"),
+        NewMessage(conv, "a2", "alice", "two", role="assistant", status="stopped"),
+        NewMessage(conv, "a1", "alice", "repeated in the batch"),
+        NewMessage(other, "b2", "bob", ""),
+    ]
+    results = await server.gateway.postgres(_aio_commit_batch, server.store.pool, batch)
+    got = [(r.conv, r.client_id, r.seq, r.duplicate) for r in results]
+    assert got == [
+        (conv, "a1", 2, False),
+        (other, "b1", 1, False),
+        (conv, "early", 1, True),
+        (conv, "a2", 3, False),
+        (conv, "a1", 2, True),
+        (other, "b2", 2, False),
+    ]
+    assert results[2].message["text"] == "first", "a duplicate reports the original"
+    assert results[4].message["text"] == tricky
+    rows = await sql(
+        server,
+        "SELECT m.conv_id, m.seq, m.client_id, m.user_id, m.role, m.status, m.body, "
+        "m.created_at, o.id AS outbox_id, o.payload FROM messages m "
+        "JOIN outbox o ON o.conv_id = m.conv_id AND o.seq = m.seq "
+        "WHERE m.conv_id = ANY($1) AND m.client_id <> 'early' ORDER BY o.id",
+        [conv, other],
+    )
+    assert [(r["conv_id"], r["seq"]) for r in rows] == sorted(
+        [(conv, 2), (conv, 3), (other, 1), (other, 2)]
+    ), "outbox ids follow seq within a conversation"
+    by_key = {(r.conv, r.client_id): r for r in results if not r.duplicate}
+    for r in rows:
+        expected = message_event(r["conv_id"], message_dict(r))
+        assert r["payload"] == encode(expected)
+        assert by_key[(r["conv_id"], r["client_id"])].message == message_dict(r)
+    heads = await sql(
+        server, "SELECT id, head FROM conversations WHERE id = ANY($1) ORDER BY id", [conv, other]
+    )
+    assert heads == sorted(
+        [{"id": conv, "head": 3}, {"id": other, "head": 2}], key=lambda h: h["id"]
+    )
+    server.chaos.heal()
 
 
 async def test_gapless_seqs_under_concurrent_senders(server, connect, conv):

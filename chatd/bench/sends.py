@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import time
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from chatd.bench.common import (
     cpu_seconds,
@@ -18,6 +19,10 @@ from chatd.bench.common import (
     start_chatd,
 )
 from chatd.config import Config
+
+
+def _dumps(obj: Any) -> str:
+    return orjson.dumps(obj).decode()
 
 
 def add_parser(sub: Any) -> None:
@@ -46,18 +51,18 @@ async def _drive_sends(
 
     async def viewer(conv: str, ready: trio.Event) -> None:
         async with open_websocket_url(url) as ws:
-            await ws.send_message(json.dumps({"op": "hello", "user": "viewer"}))
-            await ws.send_message(json.dumps({"op": "subscribe", "conv": conv}))
+            await ws.send_message(_dumps({"op": "hello", "user": "viewer"}))
+            await ws.send_message(_dumps({"op": "subscribe", "conv": conv}))
             ready.set()
             while True:
-                msg = json.loads(await ws.get_message())
+                msg = orjson.loads(await ws.get_message())
                 if msg.get("type") == "message":
                     deliveries.append(time.monotonic() - float(msg["text"]))
 
     async def sender(i: int) -> None:
         nonlocal errors
         async with open_websocket_url(url) as ws:
-            await ws.send_message(json.dumps({"op": "hello", "user": f"sender{i}"}))
+            await ws.send_message(_dumps({"op": "hello", "user": f"sender{i}"}))
             await ws.get_message()
             slots = trio.Semaphore(args.window if rate is None else 10_000)
             per_sender = (rate / args.senders) if rate else None
@@ -67,7 +72,7 @@ async def _drive_sends(
             async def read_acks() -> None:
                 nonlocal errors, outstanding
                 while True:
-                    msg = json.loads(await ws.get_message())
+                    msg = orjson.loads(await ws.get_message())
                     if msg.get("type") == "ack":
                         acks.append(time.monotonic() - sent_at.pop(msg["id"]))
                     else:
@@ -91,7 +96,7 @@ async def _drive_sends(
                     sent_at[mid] = now
                     outstanding += 1
                     await ws.send_message(
-                        json.dumps(
+                        _dumps(
                             {
                                 "op": "send",
                                 "conv": convs[k % len(convs)],
@@ -115,12 +120,14 @@ async def _drive_sends(
                 await ready.wait()
         await trio.sleep(0.5)
         t0 = time.monotonic()
+        c0 = time.process_time()
         async with trio.open_nursery() as senders:
             for i in range(args.senders):
                 senders.start_soon(sender, i)
             await trio.sleep(args.seconds)
             done.set()
         elapsed = time.monotonic() - t0
+        client_cpu = (time.process_time() - c0) / elapsed
         await trio.sleep(0.5)
         nursery.cancel_scope.cancel()
     return {
@@ -133,6 +140,7 @@ async def _drive_sends(
         "delivery_p50_ms": pct(deliveries, 0.5) * 1000,
         "delivery_p99_ms": pct(deliveries, 0.99) * 1000,
         "errors": errors,
+        "client_cpu": client_cpu,
     }
 
 
@@ -171,16 +179,16 @@ def run(config: Config, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     print(f"{'asyncpg single-row commits, 8 connections':<44}{raw_pg:>12.0f}")
     print(f"{'redis PUBLISH, sequential':<44}{raw_redis:>12.0f}")
     print()
-    hdr = f"{'chatd phase':<12}{'sends/s':>9}{'x pg raw':>9}{'ack p50':>9}{'ack p99':>9}{'deliv/s':>9}{'x redis':>9}{'dlv p50':>9}{'dlv p99':>9}{'cpu':>6}{'err':>5}"
+    hdr = f"{'chatd phase':<12}{'sends/s':>9}{'x pg raw':>9}{'ack p50':>9}{'ack p99':>9}{'deliv/s':>9}{'x redis':>9}{'dlv p50':>9}{'dlv p99':>9}{'cpu':>6}{'bench':>6}{'err':>5}"
     print(hdr)
     for name, r in (("full load", full), ("half load", half)):
         print(
             f"{name:<12}{r['sends_per_s']:>9.0f}{r['sends_per_s'] / raw_pg:>9.2f}"
             f"{r['ack_p50_ms']:>7.1f}ms{r['ack_p99_ms']:>7.1f}ms{r['deliveries_per_s']:>9.0f}"
             f"{r['deliveries_per_s'] / raw_redis:>9.2f}{r['delivery_p50_ms']:>7.1f}ms{r['delivery_p99_ms']:>7.1f}ms"
-            f"{r['server_cpu']:>6.2f}{r['errors']:>5}"
+            f"{r['server_cpu']:>6.2f}{r['client_cpu']:>6.2f}{r['errors']:>5}"
         )
     print("\nsends/s: acknowledged durable sends; x pg raw: ratio to raw single-row commits/s;")
     print("deliv/s: message events received by viewers; x redis: ratio to raw PUBLISH/s;")
-    print("cpu: chatd server process CPU (1.0 = one core busy).")
+    print("cpu: chatd server process CPU (1.0 = one core busy); bench: this load generator's CPU.")
     return results
