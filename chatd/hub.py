@@ -122,12 +122,15 @@ class Feed:
         retry = 0.05
         async with self.receive:
             while True:
-                timeout = retry if self.needs_resync else math.inf
-                with trio.move_on_after(timeout):
+                item: Any = None
+                # The retry timeout bounds only the wait, never the handling: a
+                # join cut short would leave its client without a snapshot.
+                with trio.move_on_after(retry if self.needs_resync else math.inf):
                     try:
                         item = await self.receive.receive()
                     except trio.EndOfChannel:
                         return
+                if item is not None:
                     await self._handle(item)
                     # Whatever queued meanwhile is handled without a scheduler
                     # round per item (a relay batch arrives all at once).
@@ -190,9 +193,14 @@ class Feed:
             join.client.subscription_failed(self.conv)
             return
         streams: list[dict[str, Any]] = []
-        have: dict[str, int | None] = {}
+        # What the client says it holds counts even for replies Redis did not
+        # report (it was unreachable, or restarted empty): their next deltas are
+        # then filled from the client's offset, never from 0 again.
+        have: dict[str, int | None] = dict(join.streams)
         for f in inflight:
             if f.stream in snap.committed_streams:
+                # Over: late deltas are ignored; the committed message is in the snapshot.
+                have[f.stream] = None
                 continue
             offset = join.streams.get(f.stream, 0)
             streams.append(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import trio
 
 from chatd.server import serve
@@ -131,3 +133,27 @@ async def test_resubscribing_at_once_is_not_delayed(server, connect, conv):
     other = await connect(server, "bob")
     await other.send_message(conv, "m1")
     assert (await c.messages(conv, 1))[0]["seq"] == 1
+
+
+async def test_join_during_resync_backoff_is_not_cut_short(server, connect, conv):
+    """A feed retrying a failed resync waits with a timeout; that timeout must
+    bound only the wait, not a join it then handles (a slow snapshot would be
+    cancelled and the client left without an answer)."""
+    alice = await connect(server, "alice")
+    await alice.subscribe(conv)
+    server.chaos.break_for("postgres", math.inf)
+    # Redis blips (longer than one idle pump call): the pub/sub reconnect asks
+    # every feed to resync, which fails.
+    server.chaos.break_for("redis", 1.5)
+    feed = server.hub.feeds[conv]
+
+    async def resync_failing() -> bool:
+        return feed.needs_resync
+
+    await wait_until(resync_failing)
+    await trio.sleep(0.5)  # the feed is now backing off between resync attempts
+    server.chaos.break_for("postgres", math.inf, latency=2.5)  # slow but answering
+    bob = await connect(server, "bob")
+    snap = await bob.request({"op": "subscribe", "conv": conv}, "snapshot", timeout=15)
+    assert snap["type"] == "snapshot", snap
+    server.chaos.heal()

@@ -113,6 +113,41 @@ async def test_reconnect_mid_stream_resumes_at_its_offset(
         assert final == rows[0]["body"], f"viewer cut after {cut} deltas ended with different text"
 
 
+async def test_resume_while_redis_cannot_say_what_is_in_flight(
+    nursery, postgres, redis_server, connect, conv
+):
+    """A client resuming with its offset while Redis is unreachable gets a snapshot
+    without the reply; once Redis is back the reply continues from the client's
+    offset, never again from 0 (found by ``chatd bench reconnect``)."""
+    srv = await nursery.start(
+        serve,
+        make_config(postgres, redis_server, model={"fake_tokens": 80, "fake_token_rate": 60.0}),
+    )
+    alice = await connect(srv, "alice")
+    stream = (await alice.send_reply(conv, "q1", "a long one"))["stream"]
+    viewer = await connect(srv, "viewer")
+    snap = await viewer.subscribe(conv)
+    text = "".join(s["text"] for s in snap["streams"] if s["stream"] == stream)
+    while len(text) < 10:
+        f = await viewer._next_stream_frame(conv, stream, 10)
+        if f["type"] == "delta":
+            assert f["offset"] == len(text)
+            text += f["text"]
+    await viewer.close()
+
+    srv.chaos.break_for("redis", 0.4)
+    back = await connect(srv, "viewer")
+    snap2 = await back.request(
+        {"op": "subscribe", "conv": conv, "after": snap["head"], "streams": {stream: len(text)}},
+        "snapshot",
+    )
+    assert snap2["type"] == "snapshot" and snap2["streams"] == [], "Redis could not be asked"
+    final, end = await back.follow(conv, stream, have=text, timeout=15)
+    assert end["type"] == "stream.end"
+    rows = await _assistant_rows(srv, conv)
+    assert [r["body"] for r in rows] == [final]
+
+
 async def test_concurrent_streams_in_several_conversations(
     nursery, postgres, redis_server, connect, conv
 ):
