@@ -114,7 +114,19 @@ async def _aio_create_pool(config: Config) -> asyncpg.Pool:
         command_timeout=pg.command_timeout,
         # Idle connections are recycled so a restarted server is rediscovered quickly.
         max_inactive_connection_lifetime=60.0,
+        reset=_keep_session,
     )
+
+
+async def _keep_session(con: asyncpg.Connection) -> None:
+    """Release a connection as it is (asyncpg still rolls back an open transaction).
+
+    asyncpg's default reset (unlock advisory locks, CLOSE ALL, UNLISTEN *,
+    RESET ALL) is a round trip on every release: as costly as the work itself
+    for a one-statement commit. chatd never changes session state on pool
+    connections (LISTEN uses its own connection; the migration lock is
+    released in a ``finally``).
+    """
 
 
 def _event_template(m: NewMessage) -> tuple[str, str]:

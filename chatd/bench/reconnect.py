@@ -63,7 +63,7 @@ class _Client:
         self.seqs.append(seq)
 
 
-async def _drive(url: str, args: argparse.Namespace) -> dict[str, Any]:
+async def _drive(url: str, args: argparse.Namespace, pid: int) -> dict[str, Any]:
     import trio
     from trio_websocket import open_websocket_url
 
@@ -144,7 +144,9 @@ async def _drive(url: str, args: argparse.Namespace) -> dict[str, Any]:
         for c in clients:
             c.seqs, c.caught_up_at = [], None
         stop = trio.Event()
+        print(f"storm: {len(clients)} clients reconnecting at once...", flush=True)
         t0 = time.monotonic()
+        server_cpu0, client_cpu0 = cpu_seconds(pid), time.process_time()
         async with trio.open_nursery() as n:
             for c, cur, off in zip(clients, cursors, offsets, strict=True):
                 n.start_soon(session, c, cur, off, None, stop, t0)
@@ -155,6 +157,7 @@ async def _drive(url: str, args: argparse.Namespace) -> dict[str, Any]:
                 while any(c.caught_up_at is None for c in clients):  # noqa: ASYNC110
                     await trio.sleep(0.01)
             all_done = time.monotonic() - t0
+            storm_cpu = (cpu_seconds(pid) - server_cpu0, time.process_time() - client_cpu0)
             stop.set()
     times = [c.caught_up_at for c in clients if c.caught_up_at is not None]
     problems = [p for c in clients for p in c.problems]
@@ -172,6 +175,8 @@ async def _drive(url: str, args: argparse.Namespace) -> dict[str, Any]:
         "gaps_or_order_problems": len(problems) + wrong_start,
         "duplicates": dups,
         "problem_examples": problems[:5],
+        "storm_server_cpu_s": storm_cpu[0],
+        "storm_client_cpu_s": storm_cpu[1],
     }
 
 
@@ -188,7 +193,7 @@ def run(config: Config, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             flush=True,
         )
         cpu0 = cpu_seconds(proc.pid)
-        r = trio.run(_drive, url, args)
+        r = trio.run(_drive, url, args, proc.pid)
         r["server_cpu_s"] = cpu_seconds(proc.pid) - cpu0
     finally:
         proc.terminate()
@@ -201,6 +206,10 @@ def run(config: Config, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     print(f"{'per client p50 / p99':<34}{r['client_p50_s']:>6.2f}s /{r['client_p99_s']:>5.2f}s")
     print(f"{'gaps / order problems':<34}{r['gaps_or_order_problems']:>10}")
     print(f"{'duplicates':<34}{r['duplicates']:>10}")
+    print(
+        f"{'CPU during the storm: chatd / bench':<34}"
+        f"{r['storm_server_cpu_s']:>6.2f}s /{r['storm_client_cpu_s']:>5.2f}s"
+    )
     for p in r["problem_examples"]:
         print(f"  e.g. {p}")
     return results
