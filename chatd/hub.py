@@ -22,10 +22,10 @@ from typing import Any, Protocol
 import orjson
 import trio
 
-from chatd.bus import Bus
+from chatd.bus import Bus, InFlight
 from chatd.errors import StoreUnavailable, Unavailable
 from chatd.protocol import encode, error_frame
-from chatd.store import Store, message_event
+from chatd.store import Snapshot, Store, message_event
 
 log = logging.getLogger("chatd.hub")
 
@@ -115,7 +115,10 @@ class Feed:
         except trio.WouldBlock:
             # Never block the reader on one busy feed: Postgres has every message.
             self.needs_resync = True
-        except trio.ClosedResourceError:
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            # The feed was closed (no subscribers left) or its task has already
+            # stopped (shutdown: a pump result can still be routed after the
+            # hub's nursery was cancelled).
             pass
 
     async def run(self) -> None:
@@ -131,20 +134,34 @@ class Feed:
                     except trio.EndOfChannel:
                         return
                 if item is not None:
-                    await self._handle(item)
                     # Whatever queued meanwhile is handled without a scheduler
                     # round per item (a relay batch arrives all at once).
+                    items = [item]
                     for _ in range(_FEED_BURST):
                         try:
-                            item = self.receive.receive_nowait()
+                            items.append(self.receive.receive_nowait())
                         except (trio.WouldBlock, trio.EndOfChannel):
                             break
-                        await self._handle(item)
+                    await self._handle_all(items)
                 if self.needs_resync:
                     if await self._resync():
                         retry = 0.05
                     else:
                         retry = min(retry * 2, 2.0)
+
+    async def _handle_all(self, items: list[Any]) -> None:
+        """Handle items in order; consecutive joins share one snapshot round trip."""
+        joins: list[_Join] = []
+        for item in items:
+            if isinstance(item, _Join):
+                joins.append(item)
+                continue
+            if joins:
+                await self._on_joins(joins)
+                joins = []
+            await self._handle(item)
+        if joins:
+            await self._on_joins(joins)
 
     async def _handle(self, item: Any) -> None:
         if isinstance(item, _StreamEv):
@@ -152,7 +169,7 @@ class Feed:
         elif isinstance(item, _Event):
             await self._on_event(item)
         elif isinstance(item, _Join):
-            await self._on_join(item)
+            await self._on_joins([item])
         elif isinstance(item, _Leave):
             self.subs.pop(item.client_id, None)
         elif isinstance(item, _Ephemeral):
@@ -162,7 +179,7 @@ class Feed:
         elif isinstance(item, _Resync):
             self.needs_resync = True
 
-    async def _on_join(self, join: _Join) -> None:
+    async def _on_joins(self, joins: list[_Join]) -> None:
         # No waiting for the Redis subscription to go live: whatever commits
         # between this snapshot and the subscription's confirmation is read
         # from Postgres by the resync that the confirmation triggers.
@@ -174,24 +191,30 @@ class Feed:
             log.debug("no in-flight replies for %s: %s", self.conv, exc)
             inflight = []
         try:
-            snap = await self.hub.store.snapshot(
-                self.conv, join.after, [f.stream for f in inflight]
+            snaps = await self.hub.store.snapshots(
+                self.conv, [j.after for j in joins], [f.stream for f in inflight]
             )
         except Unavailable as exc:
-            join.client.deliver(
-                encode(
-                    error_frame(
-                        "unavailable",
-                        f"cannot load conversation: {exc.message}",
-                        join.ref,
-                        retryable=True,
-                        conv=self.conv,
+            for join in joins:
+                join.client.deliver(
+                    encode(
+                        error_frame(
+                            "unavailable",
+                            f"cannot load conversation: {exc.message}",
+                            join.ref,
+                            retryable=True,
+                            conv=self.conv,
+                        )
                     )
                 )
-            )
-            self.hub.forget(join.client, self.conv)
-            join.client.subscription_failed(self.conv)
+                self.hub.forget(join.client, self.conv)
+                join.client.subscription_failed(self.conv)
             return
+        for join, snap in zip(joins, snaps, strict=True):
+            self._admit(join, snap, inflight)
+
+    def _admit(self, join: _Join, snap: Snapshot, inflight: list[InFlight]) -> None:
+        """Send the snapshot and make the client a live subscriber."""
         streams: list[dict[str, Any]] = []
         # What the client says it holds counts even for replies Redis did not
         # report (it was unreachable, or restarted empty): their next deltas are

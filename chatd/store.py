@@ -174,41 +174,38 @@ async def _aio_commit_batch(pool: asyncpg.Pool, msgs: list[NewMessage]) -> list[
     return results
 
 
-async def _aio_snapshot(
+async def _aio_snapshots(
     pool: asyncpg.Pool,
     conv: str,
-    after: int | None,
+    afters: list[int | None],
     limit: int,
     max_catchup: int,
     streams: list[str],
-) -> Snapshot:
-    async with pool.acquire() as con, con.transaction(isolation="repeatable_read", readonly=True):
-        head = await con.fetchval("SELECT head FROM conversations WHERE id = $1", conv) or 0
-        done: frozenset[str] = frozenset()
-        if streams:
-            # A reply commits before its partial leaves Redis: such a stream is over.
-            done = frozenset(
-                r["client_id"]
-                for r in await con.fetch(
-                    "SELECT client_id FROM messages WHERE conv_id = $1 AND client_id = ANY($2)",
-                    conv,
-                    streams,
-                )
+) -> list[Snapshot]:
+    # One round trip for several clients joining at once, all on one database
+    # snapshot: see chatd/migrations/0003_snapshot_function.sql.
+    rows = await pool.fetch(
+        "SELECT a.n, s.* FROM unnest($2::bigint[]) WITH ORDINALITY AS a(after, n), "
+        "LATERAL chatd_snapshot($1, a.after, $3, $4, $5) AS s ORDER BY a.n, s.seq",
+        conv,
+        afters,
+        limit,
+        max_catchup,
+        streams,
+    )
+    by_join: list[list[asyncpg.Record]] = [[] for _ in afters]
+    for r in rows:
+        by_join[r["n"] - 1].append(r)
+    out = []
+    for group in by_join:
+        first = group[0]
+        messages = [message_dict(r) for r in group if r["seq"] is not None]
+        out.append(
+            Snapshot(
+                messages, first["head"], first["recovered"], frozenset(first["committed_streams"])
             )
-        if after is not None and head - after <= max_catchup:
-            rows = await con.fetch(
-                f"SELECT {_COLUMNS} FROM messages WHERE conv_id = $1 AND seq > $2 ORDER BY seq",
-                conv,
-                after,
-            )
-            return Snapshot([message_dict(r) for r in rows], head, True, done)
-        rows = await con.fetch(
-            f"SELECT {_COLUMNS} FROM messages WHERE conv_id = $1 ORDER BY seq DESC LIMIT $2",
-            conv,
-            limit,
         )
-        messages = [message_dict(r) for r in reversed(rows)]
-        return Snapshot(messages, head, after is None, done)
+    return out
 
 
 async def _aio_after(pool: asyncpg.Pool, conv: str, after: int, limit: int) -> list[dict[str, Any]]:
@@ -376,12 +373,18 @@ class Store:
 
         ``streams``: in-flight reply ids; those already committed are reported.
         """
+        return (await self.snapshots(conv, [after], streams))[0]
+
+    async def snapshots(
+        self, conv: str, afters: list[int | None], streams: list[str] | None = None
+    ) -> list[Snapshot]:
+        """:meth:`snapshot` for each of ``afters``, consistent, in one round trip."""
         cfg = self.config.store
         return await self.gateway.postgres(
-            _aio_snapshot,
+            _aio_snapshots,
             self.pool,
             conv,
-            after,
+            afters,
             cfg.snapshot_messages,
             cfg.max_catchup,
             streams or [],

@@ -256,6 +256,37 @@ async def test_too_far_behind_is_not_recovered(nursery, postgres, redis_server, 
     assert [m["seq"] for m in snap["messages"]] == [5, 6]
 
 
+async def test_clients_joining_together_share_one_consistent_snapshot_call(
+    nursery, postgres, redis_server, conv
+):
+    """Joins queued together are answered from one round trip; each gets exactly
+    what a join of its own would have got."""
+    from tests.conftest import make_config
+
+    srv = await nursery.start(
+        serve, make_config(postgres, redis_server, store={"snapshot_messages": 4, "max_catchup": 5})
+    )
+    for k in range(9):
+        await srv.store.send(NewMessage(conv, f"m{k}", "w", f"text {k}"))
+    await srv.store.send(NewMessage(conv, "~reply", "assistant", "done", role="assistant"))
+    afters = [None, 0, 3, 5, 10, 12]
+    snaps = await srv.store.snapshots(conv, afters, ["~reply", "~other"])
+    got = [([m["seq"] for m in s.messages], s.head, s.recovered) for s in snaps]
+    assert got == [
+        ([7, 8, 9, 10], 10, True),  # no cursor: the latest N
+        ([7, 8, 9, 10], 10, False),  # too far behind: the latest N, not recovered
+        ([7, 8, 9, 10], 10, False),
+        ([6, 7, 8, 9, 10], 10, True),  # within max_catchup: everything after
+        ([], 10, True),
+        ([], 10, True),
+    ]
+    assert all(s.committed_streams == {"~reply"} for s in snaps)
+    for after, snap in zip(afters, snaps, strict=True):
+        assert await srv.store.snapshot(conv, after, ["~reply", "~other"]) == snap
+    empty = await srv.store.snapshots(conv + "-none", [None, 3], [])
+    assert [(s.messages, s.head, s.recovered) for s in empty] == [([], 0, True), ([], 0, True)]
+
+
 async def test_history_pages_back(server, connect, conv):
     c = await connect(server)
     for k in range(7):

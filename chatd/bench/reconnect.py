@@ -86,6 +86,20 @@ async def _drive(url: str, args: argparse.Namespace, pid: int) -> dict[str, Any]
                 heads[conv] = max(heads.get(conv, 0), msg["seq"])
                 return
 
+    async def send_all(ws: Any, sends: list[tuple[str, str]]) -> None:
+        refs = {}
+        for conv, mid in sends:
+            ref = f"{conv}/{mid}"
+            refs[ref] = conv
+            frame = {"op": "send", "conv": conv, "id": mid, "text": "storm", "ref": ref}
+            await ws.send_message(json.dumps(frame))
+        while refs:
+            msg = json.loads(await ws.get_message())
+            conv = refs.pop(msg.get("ref"), None)
+            if conv is not None:
+                assert msg["type"] == "ack", msg
+                heads[conv] = max(heads.get(conv, 0), msg["seq"])
+
     async def session(
         c: _Client,
         after: int | None,
@@ -151,8 +165,8 @@ async def _drive(url: str, args: argparse.Namespace, pid: int) -> dict[str, Any]
             for c, cur, off in zip(clients, cursors, offsets, strict=True):
                 n.start_soon(session, c, cur, off, None, stop, t0)
             await trio.sleep(0.05)
-            for conv in convs:  # live tail during the storm
-                await send(sender, conv, "during")
+            # The live tail during the storm, all at once (not each after the previous ack).
+            await send_all(sender, [(conv, "during") for conv in convs])
             with trio.move_on_after(60):
                 while any(c.caught_up_at is None for c in clients):  # noqa: ASYNC110
                     await trio.sleep(0.01)
