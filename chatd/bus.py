@@ -4,13 +4,16 @@ One Redis client per process for publishing, and one pub/sub connection per
 process multiplexed to every local subscriber. The pub/sub connection is only
 ever touched from :meth:`Bus.pump`, one gateway crossing per batch of
 messages; channel (un)subscriptions requested meanwhile are applied inside
-that same call, so the connection is never used from two tasks at once.
+that same call, so the connection is never used from two tasks at once. The
+pump blocks on its read; a wanted subscription wakes it by a publish to a
+channel of this process's own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -30,8 +33,7 @@ log = logging.getLogger("chatd.bus")
 
 CONTROL_CHANNEL = "chatd:control"
 _PREFIX = "chatd:conv:"
-# How often the asyncio-side pump looks for new (un)subscriptions while waiting.
-_PUMP_SLICE = 0.01
+_WAKE_PREFIX = "chatd:wake:"
 
 
 def channel(conv: str) -> str:
@@ -220,6 +222,11 @@ class Bus:
         #: Conversations local subscribers want; the pump converges Redis to it.
         self.wanted: set[str] = set()
         self._subscribed: set[str] = set()
+        # A channel only this process listens on: publishing to it ends the
+        # pump's blocking read, so a new subscription is applied at once
+        # without the pump polling while idle.
+        self._wake_channel = _WAKE_PREFIX + uuid.uuid4().hex
+        self._wake_needed = trio.Event()
         self._broken = False
         self.published = 0
 
@@ -262,10 +269,36 @@ class Bus:
             self._aio_pump, wait, limit, deadline=wait + self._config.redis.command_timeout
         )
 
+    def want(self, conv: str) -> None:
+        """Local subscribers want ``conv``'s events: the pump subscribes at once."""
+        if conv not in self.wanted:
+            self.wanted.add(conv)
+            self._wake_needed.set()
+
+    def unwant(self, conv: str) -> None:
+        """No local subscriber wants ``conv`` any more (unsubscribed at the next pump)."""
+        self.wanted.discard(conv)
+
+    async def run_waker(self) -> None:
+        """Wake the pump whenever a subscription is wanted; owned by the hub's nursery.
+
+        Many joins in a row cost one publish. If the publish fails, the pump
+        still applies the change when its current wait ends.
+        """
+        while True:
+            await self._wake_needed.wait()
+            self._wake_needed = trio.Event()
+            if self.wanted == self._subscribed:
+                continue
+            try:
+                await self.gateway.redis(_aio_publish, self.client, self._wake_channel, "")
+            except BusUnavailable as exc:
+                log.debug("could not wake the pub/sub pump: %s", exc)
+
     async def _aio_sync(self) -> None:
         ps = self._pubsub
         if ps.connection is None:
-            await ps.subscribe(CONTROL_CHANNEL)
+            await ps.subscribe(CONTROL_CHANNEL, self._wake_channel)
         add = self.wanted - self._subscribed
         drop = self._subscribed - self.wanted
         if add:
@@ -303,7 +336,7 @@ class Bus:
         while True:
             if self.wanted != self._subscribed or self._pubsub.connection is None:
                 await self._aio_sync()
-            timeout = 0.0 if out else max(0.0, min(_PUMP_SLICE, deadline - loop.time()))
+            timeout = 0.0 if out else max(0.0, deadline - loop.time())
             msg = await self._pubsub.get_message(timeout=timeout)
             if msg is not None:
                 kind = msg["type"]
@@ -313,6 +346,7 @@ class Bus:
                     out.append(BusMessage(kind, conv, msg["data"] if kind == "message" else ""))
                 elif chan == CONTROL_CHANNEL and kind == "message":
                     out.append(BusMessage("control", "", msg["data"]))
+                # A wake-up carries nothing: the loop re-checks the wanted set.
                 if len(out) >= limit:
                     return out
                 continue

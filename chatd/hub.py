@@ -383,6 +383,7 @@ class Hub:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._read_loop)
+            nursery.start_soon(self.bus.run_waker)
             task_status.started(self)
 
     # -- membership -------------------------------------------------------
@@ -402,7 +403,7 @@ class Hub:
             assert self._nursery is not None, "hub is not running"
             feed = Feed(self, conv)
             self.feeds[conv] = feed
-            self.bus.wanted.add(conv)
+            self.bus.want(conv)
             self._nursery.start_soon(feed.run)
         feed.members += 1
         feed.put(_Join(client, after, ref, streams or {}, extra))
@@ -416,7 +417,7 @@ class Hub:
         feed.members -= 1
         if feed.members <= 0:
             del self.feeds[conv]
-            self.bus.wanted.discard(conv)
+            self.bus.unwant(conv)
             feed.send.close()
 
     def publish_local(self, conv: str, text: str, user: str | None) -> None:

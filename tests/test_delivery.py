@@ -157,3 +157,23 @@ async def test_join_during_resync_backoff_is_not_cut_short(server, connect, conv
     snap = await bob.request({"op": "subscribe", "conv": conv}, "snapshot", timeout=15)
     assert snap["type"] == "snapshot", snap
     server.chaos.heal()
+
+
+async def test_new_subscription_goes_live_without_waiting_for_the_pump(server, connect, conv):
+    """The pub/sub pump blocks on its read (no idle polling); a wanted channel
+    wakes it, so Redis carries the conversation's events right after the
+    snapshot instead of at the end of the pump's one-second wait."""
+    await trio.sleep(0.2)  # the pump is now blocked in a fresh wait
+    reader = await connect(server, "reader")
+    await reader.subscribe(conv)
+    t0 = trio.current_time()
+
+    async def live() -> bool:
+        return conv in server.bus._subscribed
+
+    await wait_until(live, timeout=5, interval=0.005)
+    assert trio.current_time() - t0 < 0.5
+    writer = await connect(server, "writer")
+    await writer.send_message(conv, "m1")
+    assert (await reader.messages(conv, 1))[0]["seq"] == 1
+    assert server.hub.gap_fills == 0
