@@ -56,3 +56,8 @@ async def test_bench_sends_and_stream(tmp_path):
     assert r["full"]["acked"] > 0 and r["full"]["errors"] == 0
     r = await _bench(tmp_path, "stream", "--streams", "3", "--seconds", "1")
     assert r["token_deliveries"] > 0 and r["offset_gaps"] == 0
+
+
+async def test_bench_idle(tmp_path):
+    r = await _bench(tmp_path, "idle", "--clients", "5", "--seconds", "1")
+    assert r["clients"] == 5 and r["server_cpu"] >= 0

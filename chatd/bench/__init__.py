@@ -15,10 +15,11 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from chatd.bench import load, reads, reconnect, sends, stream
+from chatd.bench import idle, load, reads, reconnect, sends, stream
 from chatd.config import Config
 
 _BENCHES = {
+    "idle": idle,
     "load": load,
     "reads": reads,
     "reconnect": reconnect,
