@@ -46,24 +46,29 @@ _WRITE_BYTES = 64 * 1024
 async def _send_frames(ws: WebSocketConnection, frames: list[str]) -> None:
     """Send ``frames`` as WebSocket text messages with one socket write.
 
-    trio-websocket writes each message separately (one syscall and scheduler
-    round each); under fan-out that dominated the server's CPU. This frames
-    them with the connection's own wsproto state, under its own send lock,
-    exactly as ``send_message`` does per message (pinned: trio-websocket 0.12).
+    trio-websocket writes each message separately (one syscall and two
+    scheduler rounds each: its send lock, then the socket); under fan-out that
+    dominated the server's CPU. This frames them with the connection's own
+    wsproto state, under its own send lock, as ``send_message`` does per
+    message (pinned: trio-websocket 0.12), and takes the lock without a
+    scheduler round when it is free (the socket write still checkpoints).
     """
-    if len(frames) == 1:
-        await ws.send_message(frames[0])
-        return
     if ws._close_reason:
         raise ConnectionClosed(ws._close_reason)
     proto = ws._wsproto
     data = b"".join([proto.send(TextMessage(data=text)) for text in frames])
-    async with ws._stream_lock:
-        try:
-            await ws._stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            await ws._abort_web_socket()
-            raise ConnectionClosed(ws._close_reason) from None
+    lock = ws._stream_lock
+    try:
+        lock.acquire_nowait()
+    except trio.WouldBlock:
+        await lock.acquire()
+    try:
+        await ws._stream.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        await ws._abort_web_socket()
+        raise ConnectionClosed(ws._close_reason) from None
+    finally:
+        lock.release()
 
 
 class Session:
