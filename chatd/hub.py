@@ -164,12 +164,11 @@ class Feed:
             await self._on_joins(joins)
 
     async def _handle(self, item: Any) -> None:
+        """Handle one item other than a join (see :meth:`_handle_all`)."""
         if isinstance(item, _StreamEv):
             await self._on_stream(item)
         elif isinstance(item, _Event):
             await self._on_event(item)
-        elif isinstance(item, _Join):
-            await self._on_joins([item])
         elif isinstance(item, _Leave):
             self.subs.pop(item.client_id, None)
         elif isinstance(item, _Ephemeral):
