@@ -61,3 +61,21 @@ async def test_bench_sends_and_stream(tmp_path):
 async def test_bench_idle(tmp_path):
     r = await _bench(tmp_path, "idle", "--clients", "5", "--seconds", "1")
     assert r["clients"] == 5 and r["server_cpu"] >= 0
+
+
+def test_bench_wire_frames_decode_as_websocket():
+    """The bench's lean client frames exactly as RFC 6455 says (checked by wsproto)."""
+    from wsproto.connection import Connection, ConnectionType
+    from wsproto.events import CloseConnection, TextMessage
+
+    from chatd.bench.wire import frame
+
+    server = Connection(ConnectionType.SERVER)
+    texts = ["", "hi", "é" * 70, "x" * 126, "y" * 70_000]
+    for t in texts:
+        server.receive_data(frame(0x1, t.encode()))
+    server.receive_data(frame(0x8, (1000).to_bytes(2, "big")))
+    events = list(server.events())
+    got = [e.data for e in events if isinstance(e, TextMessage)]
+    assert "".join(got) == "".join(texts)
+    assert isinstance(events[-1], CloseConnection) and events[-1].code == 1000

@@ -21,10 +21,6 @@ from chatd.bench.common import (
 from chatd.config import Config
 
 
-def _dumps(obj: Any) -> str:
-    return orjson.dumps(obj).decode()
-
-
 def add_parser(sub: Any) -> None:
     s = sub.add_parser("sends", help="durable sends/s, ack and delivery latency, vs raw limits")
     s.add_argument("--senders", type=int, default=16, help="sending WebSocket clients")
@@ -38,9 +34,15 @@ def add_parser(sub: Any) -> None:
 async def _drive_sends(
     url: str, args: argparse.Namespace, rate: float | None, tag: str
 ) -> dict[str, Any]:
-    """Run one phase: closed loop (rate None: `window` in flight per sender) or open loop at `rate`/s."""
+    """Run one phase: closed loop (rate None: `window` in flight per sender) or open loop at `rate`/s.
+
+    Clients speak WebSocket through :mod:`chatd.bench.wire`, which writes the
+    frames it has ready together and parses every frame a read brought: the
+    load generator's CPU comes out of the same two cores chatd runs on.
+    """
     import trio
-    from trio_websocket import open_websocket_url
+
+    from chatd.bench.wire import WireClient
 
     acks: list[float] = []
     deliveries: list[float] = []
@@ -48,76 +50,115 @@ async def _drive_sends(
     errors = 0
     done = trio.Event()
     convs = [f"bench-{tag}-{i}" for i in range(args.convs)]
+    loads = orjson.loads
 
-    async def viewer(conv: str, ready: trio.Event) -> None:
-        async with open_websocket_url(url) as ws:
-            await ws.send_message(_dumps({"op": "hello", "user": "viewer"}))
-            await ws.send_message(_dumps({"op": "subscribe", "conv": conv}))
-            ready.set()
+    async def viewer(conv: str, task_status: trio.TaskStatus[None]) -> None:
+        ws = await WireClient.connect(url)
+        try:
+            await ws.send(
+                [
+                    orjson.dumps({"op": "hello", "user": "viewer"}),
+                    orjson.dumps({"op": "subscribe", "conv": conv}),
+                ]
+            )
+            task_status.started()
             while True:
-                msg = orjson.loads(await ws.get_message())
-                if msg.get("type") == "message":
-                    deliveries.append(time.monotonic() - float(msg["text"]))
+                frames = await ws.receive()
+                if not frames:
+                    raise RuntimeError(f"viewer of {conv} was disconnected: {ws.closed}")
+                now = time.monotonic()
+                for f in frames:
+                    msg = loads(f)
+                    if msg["type"] == "message":
+                        deliveries.append(now - float(msg["text"]))
+        finally:
+            with trio.CancelScope(shield=True):
+                await ws.aclose()
 
     async def sender(i: int) -> None:
         nonlocal errors
-        async with open_websocket_url(url) as ws:
-            await ws.send_message(_dumps({"op": "hello", "user": f"sender{i}"}))
-            await ws.get_message()
-            slots = trio.Semaphore(args.window if rate is None else 10_000)
-            per_sender = (rate / args.senders) if rate else None
-            outstanding = 0
-            drained = trio.Event()
+        ws = await WireClient.connect(url)
+        k = 0
+        outstanding = 0
+
+        def make(n: int) -> list[bytes]:
+            nonlocal k, outstanding
+            out = []
+            now = time.monotonic()
+            for _ in range(n):
+                mid = f"{tag}-{i}-{k}"
+                sent_at[mid] = now
+                out.append(
+                    orjson.dumps(
+                        {
+                            "op": "send",
+                            "conv": convs[k % len(convs)],
+                            "id": mid,
+                            "text": f"{now:.6f}",
+                        }
+                    )
+                )
+                k += 1
+            outstanding += n
+            return out
+
+        def take_acks(frames: list[bytes]) -> int:
+            nonlocal errors, outstanding
+            now = time.monotonic()
+            for f in frames:
+                msg = loads(f)
+                if msg["type"] == "ack":
+                    acks.append(now - sent_at.pop(msg["id"]))
+                else:
+                    errors += 1
+            outstanding -= len(frames)
+            return len(frames)
+
+        try:
+            await ws.send([orjson.dumps({"op": "hello", "user": f"sender{i}"})])
+            await ws.receive()
+            if rate is None:
+                # Closed loop: a new send for each answer, `window` in flight.
+                await ws.send(make(args.window))
+                while outstanding:
+                    frames = await ws.receive()
+                    if not frames:
+                        raise RuntimeError(f"sender {i} was disconnected: {ws.closed}")
+                    answered = take_acks(frames)
+                    if not done.is_set():
+                        await ws.send(make(answered))
+                return
+
+            per_sender = rate / args.senders
 
             async def read_acks() -> None:
-                nonlocal errors, outstanding
                 while True:
-                    msg = orjson.loads(await ws.get_message())
-                    if msg.get("type") == "ack":
-                        acks.append(time.monotonic() - sent_at.pop(msg["id"]))
-                    else:
-                        errors += 1
-                    slots.release()
-                    outstanding -= 1
-                    if done.is_set() and outstanding == 0:
-                        drained.set()
+                    frames = await ws.receive()
+                    if not frames:
+                        raise RuntimeError(f"sender {i} was disconnected: {ws.closed}")
+                    take_acks(frames)
+                    if done.is_set() and not outstanding:
+                        return
 
             async with trio.open_nursery() as n:
                 n.start_soon(read_acks)
-                k = 0
-                next_at = time.monotonic()
+                # Open loop: whatever is due by now goes out (together, if we fell behind).
+                t0 = trio.current_time()
                 while not done.is_set():
-                    await slots.acquire()
-                    if per_sender:
-                        next_at += 1.0 / per_sender
-                        await trio.sleep(max(0.0, next_at - time.monotonic()))
-                    mid = f"{tag}-{i}-{k}"
-                    now = time.monotonic()
-                    sent_at[mid] = now
-                    outstanding += 1
-                    await ws.send_message(
-                        _dumps(
-                            {
-                                "op": "send",
-                                "conv": convs[k % len(convs)],
-                                "id": mid,
-                                "text": f"{now:.6f}",
-                            }
-                        )
-                    )
-                    k += 1
-                if outstanding == 0:
-                    drained.set()
-                with trio.move_on_after(5):
-                    await drained.wait()
-                n.cancel_scope.cancel()
+                    due = int((trio.current_time() - t0) * per_sender) + 1 - k
+                    if due > 0:
+                        await ws.send(make(due))
+                    await trio.sleep_until(t0 + k / per_sender)
+                if not outstanding:
+                    n.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await ws.aclose()
 
     async with trio.open_nursery() as nursery:
         for conv in convs:
             for _ in range(args.viewers):
-                ready = trio.Event()
-                nursery.start_soon(viewer, conv, ready)
-                await ready.wait()
+                await nursery.start(viewer, conv)
         await trio.sleep(0.5)
         t0 = time.monotonic()
         c0 = time.process_time()
@@ -126,6 +167,8 @@ async def _drive_sends(
                 senders.start_soon(sender, i)
             await trio.sleep(args.seconds)
             done.set()
+            # Answers still owed get 5 s; a server that lost them must not hang the bench.
+            senders.cancel_scope.deadline = trio.current_time() + 5
         elapsed = time.monotonic() - t0
         client_cpu = (time.process_time() - c0) / elapsed
         await trio.sleep(0.5)
