@@ -55,7 +55,7 @@ class _Sub:
     client: Subscriber
     last: int
     #: Per in-flight reply, the offset this client has text up to; None once
-    #: its animation is lost (it then waits for the committed message).
+    #: the reply is over for it (the snapshot already held the committed message).
     streams: dict[str, int | None] = field(default_factory=dict)
 
 
@@ -75,6 +75,9 @@ class _StreamEv:
     offset: int
     text: str
     raw: str
+    #: stream.end only: the committed reply's seq and length (code points).
+    seq: int | None = None
+    length: int | None = None
 
 
 @dataclass
@@ -190,8 +193,11 @@ class Feed:
             log.debug("no in-flight replies for %s: %s", self.conv, exc)
             inflight = []
         try:
+            # Replies a client says it holds part of count too: Redis may not
+            # have reported them, and a committed one is over for that client.
+            asked = {f.stream for f in inflight}.union(*(j.streams for j in joins))
             snaps = await self.hub.store.snapshots(
-                self.conv, [j.after for j in joins], [f.stream for f in inflight]
+                self.conv, [j.after for j in joins], sorted(asked)
             )
         except Unavailable as exc:
             for join in joins:
@@ -218,7 +224,10 @@ class Feed:
         # What the client says it holds counts even for replies Redis did not
         # report (it was unreachable, or restarted empty): their next deltas are
         # then filled from the client's offset, never from 0 again.
-        have: dict[str, int | None] = dict(join.streams)
+        have: dict[str, int | None] = {
+            stream: None if stream in snap.committed_streams else offset
+            for stream, offset in join.streams.items()
+        }
         for f in inflight:
             if f.stream in snap.committed_streams:
                 # Over: late deltas are ignored; the committed message is in the snapshot.
@@ -291,10 +300,47 @@ class Feed:
                     if not sub.client.deliver(ev.raw):
                         self.subs.pop(sub.client.id, None)
         else:  # stream.end / stream.error
+            if ev.kind == "stream.end":
+                await self._fill_end(ev)
             for sub in list(self.subs.values()):
                 sub.streams.pop(ev.stream, None)
                 if not sub.client.deliver(ev.raw):
                     self.subs.pop(sub.client.id, None)
+
+    async def _fill_end(self, ev: _StreamEv) -> None:
+        """Before ``stream.end``, send each lagging client the rest of the reply.
+
+        Deltas lost on the way (Redis blipped near the end of the reply) leave
+        nothing in Redis to fill from: the partial goes when the reply ends. The
+        committed message in Postgres is the same text, so the rest comes from there.
+        """
+        if ev.seq is None or ev.length is None:
+            return
+        behind = [
+            sub
+            for sub in self.subs.values()
+            if (have := sub.streams.get(ev.stream)) is not None and have < ev.length
+        ]
+        if not behind:
+            return
+        try:
+            page = await self.hub.store.after(self.conv, ev.seq - 1, 1)
+        except Unavailable as exc:
+            # The message event (resync) will replace the bubble.
+            log.info("could not fill the end of reply %s: %s", ev.stream, exc)
+            return
+        if not page or page[0]["seq"] != ev.seq or page[0]["id"] != ev.stream:
+            return
+        body = page[0]["text"]
+        self.hub.stream_fills += 1
+        for sub in behind:
+            have = sub.streams.get(ev.stream)
+            if have is None or have >= len(body):
+                continue
+            if sub.client.deliver(self._delta(ev.stream, have, body[have:])):
+                sub.streams[ev.stream] = len(body)
+            else:
+                self.subs.pop(sub.client.id, None)
 
     def _delta(self, stream: str, offset: int, text: str) -> str:
         return encode(
@@ -313,8 +359,8 @@ class Feed:
             if have is None:
                 continue
             if partial is None or len(partial) < have:
-                # The animation is lost; the committed message will replace it.
-                sub.streams[stream] = None
+                # Nothing to fill from now: a later delta tries again, and
+                # stream.end fills the rest from Postgres.
                 continue
             if len(partial) > have:
                 if not sub.client.deliver(self._delta(stream, have, partial[have:])):
@@ -480,7 +526,18 @@ class Hub:
             offset = obj.get("offset", 0)
             text = obj.get("text", "")
             if isinstance(offset, int) and isinstance(text, str):
-                feed.put(_StreamEv(etype, obj["stream"], offset, text, data))
+                seq, length = obj.get("seq"), obj.get("length")
+                feed.put(
+                    _StreamEv(
+                        etype,
+                        obj["stream"],
+                        offset,
+                        text,
+                        data,
+                        seq if isinstance(seq, int) else None,
+                        length if isinstance(length, int) else None,
+                    )
+                )
         else:
             user = obj.pop("_from", None)
             feed.put(_Ephemeral(user, encode(obj) if user is not None else data))

@@ -269,6 +269,7 @@ class Streams:
                     "stream": s.id,
                     "seq": committed.seq,
                     "status": status,
+                    "length": len(msg.text),
                 }
         self.failed += 1
         reason = f"{last}" if last else f"no commit within {self.config.streams.commit_timeout:g}s"

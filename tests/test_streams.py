@@ -118,10 +118,11 @@ async def test_resume_while_redis_cannot_say_what_is_in_flight(
 ):
     """A client resuming with its offset while Redis is unreachable gets a snapshot
     without the reply; once Redis is back the reply continues from the client's
-    offset, never again from 0 (found by ``chatd bench reconnect``)."""
+    offset, never again from 0 (found by ``chatd bench reconnect``). The reply
+    (2 s) outlives the outage and the pub/sub reconnect, so ``stream.end`` comes."""
     srv = await nursery.start(
         serve,
-        make_config(postgres, redis_server, model={"fake_tokens": 80, "fake_token_rate": 60.0}),
+        make_config(postgres, redis_server, model={"fake_tokens": 120, "fake_token_rate": 60.0}),
     )
     alice = await connect(srv, "alice")
     stream = (await alice.send_reply(conv, "q1", "a long one"))["stream"]
@@ -146,6 +147,36 @@ async def test_resume_while_redis_cannot_say_what_is_in_flight(
     assert end["type"] == "stream.end"
     rows = await _assistant_rows(srv, conv)
     assert [r["body"] for r in rows] == [final]
+
+
+async def test_deltas_lost_before_the_end_are_filled_from_postgres(
+    nursery, postgres, redis_server, connect, conv
+):
+    """Deltas lost on the way at the end of a reply leave no partial in Redis to
+    fill from; the client still gets the whole text, from the committed message,
+    before ``stream.end`` (the flake CI found in the Redis-outage resume test)."""
+    srv = await nursery.start(serve, _fast(postgres, redis_server, fake_token_rate=100.0))
+    viewer = await connect(srv, "viewer")
+    await viewer.subscribe(conv)
+    route = srv.hub._route_event
+    lost = []
+
+    def lose_late_deltas(feed, c, data):
+        if c == conv and '"type":"delta"' in data and '"offset":0,' not in data:
+            lost.append(data)  # as if Redis pub/sub had dropped it
+            return
+        route(feed, c, data)
+
+    srv.hub._route_event = lose_late_deltas
+    alice = await connect(srv, "alice")
+    stream = (await alice.send_reply(conv, "q1", "tell me something"))["stream"]
+    fills = srv.hub.stream_fills
+    final, end = await viewer.follow(conv, stream)
+    assert lost, "the test lost no delta"
+    assert end["type"] == "stream.end" and end["length"] == len(final)
+    rows = await _assistant_rows(srv, conv)
+    assert [r["body"] for r in rows] == [final]
+    assert srv.hub.stream_fills == fills + 1
 
 
 async def test_concurrent_streams_in_several_conversations(
