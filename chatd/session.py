@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
+from wsproto.connection import ConnectionState
 from wsproto.events import TextMessage
 
 from chatd.errors import ChatdError, Unavailable
@@ -43,20 +44,42 @@ _DROP_GRACE = 5.0
 _WRITE_BYTES = 64 * 1024
 
 
+_SHORT_HEADS = [bytes((0x81, n)) for n in range(126)]
+
+
+def _text_frame(text: str) -> bytes:
+    """One unmasked, final WebSocket text frame (RFC 6455 section 5.2)."""
+    payload = text.encode()
+    n = len(payload)
+    if n < 126:
+        return _SHORT_HEADS[n] + payload
+    if n < 65536:
+        return b"\x81\x7e" + n.to_bytes(2, "big") + payload
+    return b"\x81\x7f" + n.to_bytes(8, "big") + payload
+
+
 async def _send_frames(ws: WebSocketConnection, frames: list[str]) -> None:
     """Send ``frames`` as WebSocket text messages with one socket write.
 
     trio-websocket writes each message separately (one syscall and two
     scheduler rounds each: its send lock, then the socket); under fan-out that
-    dominated the server's CPU. This frames them with the connection's own
-    wsproto state, under its own send lock, as ``send_message`` does per
-    message (pinned: trio-websocket 0.12), and takes the lock without a
-    scheduler round when it is free (the socket write still checkpoints).
+    dominated the server's CPU. This frames them itself (byte for byte what
+    the connection's wsproto would write; wsproto's per-frame work was the
+    largest part of the send path), writes them under the connection's own
+    send lock, as ``send_message`` does per message (pinned: trio-websocket
+    0.12), and takes the lock without a scheduler round when it is free (the
+    socket write still checkpoints).
     """
     if ws._close_reason:
         raise ConnectionClosed(ws._close_reason)
     proto = ws._wsproto
-    data = b"".join([proto.send(TextMessage(data=text)) for text in frames])
+    conn = proto.connection
+    if conn is not None and conn.state is ConnectionState.OPEN and not conn._proto.extensions:
+        # What wsproto would write (a server's frames are unmasked, and
+        # trio-websocket negotiates no extension), without its per-frame work.
+        data = b"".join([_text_frame(text) for text in frames])
+    else:  # closing, or an extension: wsproto's own path (and its errors)
+        data = b"".join([proto.send(TextMessage(data=text)) for text in frames])
     lock = ws._stream_lock
     try:
         lock.acquire_nowait()
