@@ -7,11 +7,13 @@ the correctness checks the benchmarks make (gaps, duplicates) are.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
 import sys
 
+import pytest
 import trio
 
 
@@ -79,3 +81,32 @@ def test_bench_wire_frames_decode_as_websocket():
     got = [e.data for e in events if isinstance(e, TextMessage)]
     assert "".join(got) == "".join(texts)
     assert isinstance(events[-1], CloseConnection) and events[-1].code == 1000
+
+
+@pytest.mark.parametrize("answer", [b"HTTP/1.1 400 Bad Request\r\n\r\n", None])
+async def test_bench_wire_client_closes_its_socket_when_the_handshake_fails(answer):
+    """Refused, or no answer before the caller's deadline: the client's socket is closed."""
+    from chatd.bench.wire import WireClient, WireError
+
+    saw_eof = trio.Event()
+
+    async def server(stream):
+        await stream.receive_some(4096)
+        if answer is not None:
+            await stream.send_all(answer)
+        with trio.fail_after(5):
+            while await stream.receive_some(4096):
+                pass
+        saw_eof.set()
+
+    async with trio.open_nursery() as nursery:
+        (listener,) = await nursery.start(
+            functools.partial(trio.serve_tcp, server, 0, host="127.0.0.1")
+        )
+        port = listener.socket.getsockname()[1]
+        expected = WireError if answer is not None else trio.TooSlowError
+        with pytest.raises(expected), trio.fail_after(0.3):
+            await WireClient.connect(f"ws://127.0.0.1:{port}/")
+        with trio.fail_after(5):
+            await saw_eof.wait()
+        nursery.cancel_scope.cancel()

@@ -68,29 +68,37 @@ class WireClient:
         u = urlsplit(url)
         if u.scheme != "ws" or not u.hostname:
             raise WireError(f"only ws:// URLs are supported, not {url!r}")
-        with trio.fail_after(_CONNECT_TIMEOUT):
+        deadline = trio.current_time() + _CONNECT_TIMEOUT
+        with trio.fail_at(deadline):
             stream = await trio.open_tcp_stream(u.hostname, u.port or 80)
-            key = base64.b64encode(os.urandom(16)).decode()
-            await stream.send_all(
-                (
-                    f"GET {u.path or '/'} HTTP/1.1\r\nHost: {u.netloc}\r\n"
-                    "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                    f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-                ).encode()
-            )
-            client = cls(stream)
-            while b"\r\n\r\n" not in client._buf:
-                data = await stream.receive_some(65536)
-                if not data or len(client._buf) > _MAX_HEADER:
-                    await stream.aclose()
-                    raise WireError("handshake: no complete response from the server")
-                client._buf += data
-        head, _, rest = bytes(client._buf).partition(b"\r\n\r\n")
-        if not head.startswith(b"HTTP/1.1 101"):
-            await stream.aclose()
-            raise WireError(f"handshake refused: {head.splitlines()[0]!r}")
-        client._buf = bytearray(rest)
+        client = cls(stream)
+        try:
+            with trio.fail_at(deadline):
+                await client._handshake(u.path or "/", u.netloc)
+        except BaseException:
+            # Refused, timed out, or cancelled by the caller: the socket is not left open.
+            await trio.aclose_forcefully(stream)
+            raise
         return client
+
+    async def _handshake(self, path: str, host: str) -> None:
+        key = base64.b64encode(os.urandom(16)).decode()
+        await self._stream.send_all(
+            (
+                f"GET {path} HTTP/1.1\r\nHost: {host}\r\n"
+                "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+        while b"\r\n\r\n" not in self._buf:
+            data = await self._stream.receive_some(65536)
+            if not data or len(self._buf) > _MAX_HEADER:
+                raise WireError("handshake: no complete response from the server")
+            self._buf += data
+        head, _, rest = bytes(self._buf).partition(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 101"):
+            raise WireError(f"handshake refused: {head.splitlines()[0]!r}")
+        self._buf = bytearray(rest)
 
     async def send(self, texts: list[bytes]) -> None:
         """Send each of ``texts`` (UTF-8 JSON) as a text message, in one write."""
