@@ -72,7 +72,7 @@ async def _drive_sends(
                     if msg["type"] == "message":
                         deliveries.append(now - float(msg["text"]))
         finally:
-            with trio.CancelScope(shield=True):
+            with trio.move_on_after(2.0, shield=True):  # aclose bounds itself to 1 s
                 await ws.aclose()
 
     async def sender(i: int) -> None:
@@ -152,7 +152,7 @@ async def _drive_sends(
                 if not outstanding:
                     n.cancel_scope.cancel()
         finally:
-            with trio.CancelScope(shield=True):
+            with trio.move_on_after(2.0, shield=True):  # aclose bounds itself to 1 s
                 await ws.aclose()
 
     async with trio.open_nursery() as nursery:
