@@ -81,6 +81,14 @@ class RelayConfig:
     poll_interval: float = 1.0
     backoff_min: float = 0.05
     backoff_max: float = 2.0
+    #: The committing process publishes its own rows at once; a relay's poll
+    #: takes only rows older than this (their publisher died or failed).
+    claim_after: float = 2.0
+    #: Commits waiting to be published by this process; beyond it the rows are
+    #: left to the relay.
+    publish_queue: int = 1024
+    #: VACUUM the outbox after this many rows left it (0: leave it to autovacuum).
+    vacuum_every: int = 20000
 
 
 @dataclass(frozen=True)
@@ -252,6 +260,8 @@ def _validate(config: Config) -> None:
         (config.store.group_commit_max >= 1, "[store].group_commit_max must be at least 1"),
         (config.relay.batch >= 1, "[relay].batch must be at least 1"),
         (config.relay.poll_interval > 0, "[relay].poll_interval must be positive"),
+        (config.relay.claim_after > 0, "[relay].claim_after must be positive"),
+        (config.relay.publish_queue >= 1, "[relay].publish_queue must be at least 1"),
         (
             config.model.backend in ("fake", "openai"),
             '[model].backend must be "fake" or "openai"',

@@ -80,6 +80,7 @@ class Server:
             "feeds": len(self.hub.feeds),
             "pubsub_live": self.hub.bus_healthy,
             "committed": self.store.committed,
+            "published": self.relay.fresh_published,
             "relayed": self.relay.published,
             "gap_fills": self.hub.gap_fills,
             "stream_fills": self.hub.stream_fills,
@@ -134,6 +135,7 @@ async def serve(
     ):
         hub = Hub(store, bus)
         relay = Relay(gateway, store, bus, config)
+        store.on_committed = relay.offer
         streams = Streams(config, store, bus, model)
         hub.on_control = streams.handle_control
         server = Server(config, gateway, chaos, store, bus, hub, relay, streams)

@@ -8,6 +8,10 @@ answered individually. Per conversation, the
 from its ``head``, so they are gapless and strictly increasing. Each message
 row and its outbox row land in the same transaction.
 
+After each commit the new outbox rows go to :attr:`Store.on_committed` (the
+relay publishes them at once); the ids it reports published are deleted by
+the next commit's transaction, or after ``_FLUSH_AFTER`` if no send comes.
+
 Functions prefixed ``_aio_`` run on the asyncio side, called via the gateway.
 """
 
@@ -33,6 +37,12 @@ log = logging.getLogger("chatd.store")
 
 NOTIFY_CHANNEL = "chatd_outbox"
 
+#: With published rows to delete and no send to carry the delete, commit it alone after this.
+_FLUSH_AFTER = 0.05
+#: At most this many published ids wait for deletion; beyond that (Postgres has been
+#: down for long) the oldest are forgotten, and a relay republishes them later: harmless.
+_MAX_PUBLISHED = 100_000
+
 
 @dataclass(frozen=True)
 class NewMessage:
@@ -55,6 +65,15 @@ class Committed:
     seq: int
     duplicate: bool
     message: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class OutboxEvent:
+    """A committed outbox row: the live event to publish on ``conv``'s channel."""
+
+    id: int
+    conv: str
+    payload: str
 
 
 @dataclass
@@ -145,11 +164,13 @@ def _event_template(m: NewMessage) -> tuple[str, str]:
     return head.decode(), mid.decode()
 
 
-async def _aio_commit_batch(pool: asyncpg.Pool, msgs: list[NewMessage]) -> list[Committed]:
-    # One round trip: see chatd/migrations/0002_commit_function.sql.
+async def _aio_commit_batch(
+    pool: asyncpg.Pool, msgs: list[NewMessage], published: list[int], notify: bool
+) -> tuple[list[Committed], list[OutboxEvent]]:
+    # One round trip: see chatd/migrations/0004_publish_after_commit.sql.
     templates = [_event_template(m) for m in msgs]
     rows = await pool.fetch(
-        "SELECT * FROM chatd_commit($1, $2, $3, $4, $5, $6, $7, $8)",
+        "SELECT * FROM chatd_commit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         [m.conv for m in msgs],
         [m.client_id for m in msgs],
         [m.user for m in msgs],
@@ -158,8 +179,11 @@ async def _aio_commit_batch(pool: asyncpg.Pool, msgs: list[NewMessage]) -> list[
         [m.text for m in msgs],
         [t[0] for t in templates],
         [t[1] for t in templates],
+        published,
+        notify,
     )
     results = []
+    events = []
     for m, r in zip(msgs, rows, strict=True):
         message = {
             "seq": r["seq"],
@@ -171,7 +195,9 @@ async def _aio_commit_batch(pool: asyncpg.Pool, msgs: list[NewMessage]) -> list[
             "ts": _millis(r["created_at"]),
         }
         results.append(Committed(m.conv, m.client_id, r["seq"], r["duplicate"], message))
-    return results
+        if r["outbox_id"] is not None:
+            events.append(OutboxEvent(r["outbox_id"], m.conv, r["payload"]))
+    return results, events
 
 
 async def _aio_snapshots(
@@ -251,12 +277,31 @@ class Store:
         self.gateway = gateway
         self.pool = pool
         self.config = config
-        self._send, self._receive = trio.open_memory_channel[_Pending](
+        # None is a wake-up: there are published outbox rows to delete.
+        self._send, self._receive = trio.open_memory_channel[_Pending | None](
             max(1024, config.store.group_commit_max * 4)
         )
         #: Messages committed and batches run, for the status op and benchmarks.
         self.committed = 0
         self.batches = 0
+        #: Called with every commit's new outbox rows, in commit order (the relay's
+        #: ``offer``). Must not block: it runs on the committer's path.
+        self.on_committed: Callable[[list[OutboxEvent]], None] | None = None
+        #: Set by the relay while it cannot publish: commits then NOTIFY every relay.
+        self.notify_relays = False
+        self._published: list[int] = []
+
+    def mark_published(self, ids: list[int]) -> None:
+        """Outbox rows ``ids`` are published: delete them with the next commit."""
+        was_empty = not self._published
+        self._published.extend(ids)
+        if len(self._published) > _MAX_PUBLISHED:
+            del self._published[: len(self._published) - _MAX_PUBLISHED]
+        if was_empty:
+            try:
+                self._send.send_nowait(None)
+            except (trio.WouldBlock, trio.ClosedResourceError):
+                pass  # the committer is busy (it will take them) or gone
 
     # -- writes -----------------------------------------------------------
 
@@ -300,22 +345,45 @@ class Store:
         task_status.started()
         try:
             while True:
-                batch = [await self._receive.receive()]
+                first = await self._receive.receive()
+                if first is None:
+                    # Published rows to delete: a send coming soon carries the delete.
+                    with trio.move_on_after(_FLUSH_AFTER):
+                        first = await self._next_pending()
+                    if first is None:
+                        if self._published:
+                            await self._commit_bounded([])
+                        continue
+                batch = [first]
                 if window > 0:
                     with trio.move_on_after(window):
                         while len(batch) < limit:
-                            batch.append(await self._receive.receive())
+                            batch.append(await self._next_pending())
                 while len(batch) < limit:
                     try:
-                        batch.append(self._receive.receive_nowait())
+                        item = self._receive.receive_nowait()
                     except trio.WouldBlock:
                         break
-                # A batch that started committing finishes (bounded) even on shutdown,
-                # so no sender is left without an answer.
-                with trio.move_on_after(self.config.postgres.command_timeout + 1.0, shield=True):
-                    await self._commit(batch)
+                    if item is not None:
+                        batch.append(item)
+                await self._commit_bounded(batch)
         finally:
             self._fail_queued(StoreUnavailable("server is shutting down"))
+            if self._published:
+                # Else another relay republishes them later: harmless, but noisy.
+                with trio.move_on_after(1.0, shield=True):
+                    await self._commit([])
+
+    async def _next_pending(self) -> _Pending:
+        while (item := await self._receive.receive()) is None:
+            pass
+        return item
+
+    async def _commit_bounded(self, batch: list[_Pending]) -> None:
+        # A batch that started committing finishes (bounded) even on shutdown,
+        # so no sender is left without an answer.
+        with trio.move_on_after(self.config.postgres.command_timeout + 1.0, shield=True):
+            await self._commit(batch)
 
     def _fail_queued(self, err: ChatdError) -> None:
         while True:
@@ -323,13 +391,12 @@ class Store:
                 pending = self._receive.receive_nowait()
             except (trio.WouldBlock, trio.ClosedResourceError, trio.EndOfChannel):
                 return
-            pending.on_done(err)
+            if pending is not None:
+                pending.on_done(err)
 
     async def _commit(self, batch: list[_Pending]) -> None:
         try:
-            results = await self.gateway.postgres(
-                _aio_commit_batch, self.pool, [p.msg for p in batch]
-            )
+            results = await self._call_commit([p.msg for p in batch], carry=True)
         except StoreUnavailable as exc:
             log.warning("commit of %d message(s) failed: %s", len(batch), exc)
             err = StoreUnavailable(
@@ -345,13 +412,35 @@ class Store:
                     await self._commit([p])
                 return
             log.error("commit rejected: %s", exc)
-            batch[0].on_done(exc)
+            if batch:
+                batch[0].on_done(exc)
             return
-        self.batches += 1
+        if batch:
+            self.batches += 1
         for p, result in zip(batch, results, strict=True):
             if not result.duplicate:
                 self.committed += 1
             p.on_done(result)
+
+    async def _call_commit(self, msgs: list[NewMessage], *, carry: bool) -> list[Committed]:
+        """One ``chatd_commit`` round trip; hands the new outbox rows to ``on_committed``.
+
+        ``carry``: also delete the outbox rows reported published (the committer's
+        calls only, so a reply's commit never waits on them).
+        """
+        published: list[int] = []
+        if carry:
+            published, self._published = self._published, []
+        try:
+            results, events = await self.gateway.postgres(
+                _aio_commit_batch, self.pool, msgs, published, self.notify_relays
+            )
+        except BaseException:
+            self._published[:0] = published  # not deleted: the next commit carries them
+            raise
+        if events and self.on_committed is not None:
+            self.on_committed(events)
+        return results
 
     async def commit_one(self, msg: NewMessage) -> Committed:
         """Commit ``msg`` now, in its own transaction, bypassing the group committer.
@@ -359,7 +448,7 @@ class Store:
         For a reply's final commit: it must not depend on the committer task,
         which may already be gone when a shielded commit runs during shutdown.
         """
-        results = await self.gateway.postgres(_aio_commit_batch, self.pool, [msg])
+        results = await self._call_commit([msg], carry=False)
         if not results[0].duplicate:
             self.committed += 1
         return results[0]
@@ -441,6 +530,7 @@ async def open_store(
 __all__ = [
     "Committed",
     "NewMessage",
+    "OutboxEvent",
     "Snapshot",
     "Store",
     "StoreError",

@@ -108,7 +108,9 @@ async def test_group_commit_batch_in_one_call(server, conv):
         NewMessage(conv, "a1", "alice", "repeated in the batch"),
         NewMessage(other, "b2", "bob", ""),
     ]
-    results = await server.gateway.postgres(_aio_commit_batch, server.store.pool, batch)
+    results, events = await server.gateway.postgres(
+        _aio_commit_batch, server.store.pool, batch, [], False
+    )
     got = [(r.conv, r.client_id, r.seq, r.duplicate) for r in results]
     assert got == [
         (conv, "a1", 2, False),
@@ -131,6 +133,10 @@ async def test_group_commit_batch_in_one_call(server, conv):
     assert [(r["conv_id"], r["seq"]) for r in rows] == sorted(
         [(conv, 2), (conv, 3), (other, 1), (other, 2)]
     ), "outbox ids follow seq within a conversation"
+    assert [(e.id, e.conv, e.payload) for e in events] == [
+        (r["outbox_id"], r["conv_id"], r["payload"])
+        for r in sorted(rows, key=lambda r: [c.client_id for c in batch].index(r["client_id"]))
+    ], "the new outbox rows come back in send order, duplicates without one"
     by_key = {(r.conv, r.client_id): r for r in results if not r.duplicate}
     for r in rows:
         expected = message_event(r["conv_id"], message_dict(r))

@@ -1,0 +1,126 @@
+"""The outbox's two paths to Redis: publish after commit, and the relay sweep."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import trio
+
+from chatd.server import serve
+from tests.conftest import make_config, sql, wait_until
+
+
+async def _outbox_rows(srv, conv):
+    return await sql(srv, "SELECT id FROM outbox WHERE conv_id = $1 ORDER BY id", conv)
+
+
+async def _swept_clean(srv) -> None:
+    # At start the sweep drains every row (earlier tests' leftovers); wait it out.
+    async def idle():
+        return not srv.relay.draining
+
+    await wait_until(idle, timeout=10)
+
+
+async def test_commits_are_published_at_once_and_deleted_by_later_commits(
+    nursery, postgres, redis_server, connect, conv
+):
+    # The sweep only takes rows a minute old: whatever arrives came by the fast path.
+    srv = await nursery.start(serve, make_config(postgres, redis_server, relay={"claim_after": 60}))
+    await _swept_clean(srv)
+    swept = srv.relay.published
+    reader = await connect(srv, "reader")
+    await reader.subscribe(conv)
+    writer = await connect(srv, "writer")
+    for k in range(10):
+        await writer.send_message(conv, f"m{k}")
+    got = await reader.messages(conv, 10)
+    assert [m["seq"] for m in got] == list(range(1, 11))
+
+    async def deleted():
+        return not await _outbox_rows(srv, conv)
+
+    await wait_until(deleted, timeout=5)
+    assert srv.relay.published == swept, "the sweep published nothing"
+    assert srv.relay.fresh_published >= 10
+
+
+async def test_rows_nobody_published_are_swept_once_old_enough(
+    nursery, postgres, redis_server, connect, conv
+):
+    srv = await nursery.start(
+        serve, make_config(postgres, redis_server, relay={"claim_after": 1.5, "poll_interval": 0.2})
+    )
+    await _swept_clean(srv)
+    reader = await connect(srv, "reader")
+    await reader.subscribe(conv)
+    writer = await connect(srv, "writer")
+    # As if the process died between the commit and its publish.
+    srv.store.on_committed = None
+    t0 = trio.current_time()
+    for k in range(3):
+        await writer.send_message(conv, f"m{k}")
+    assert len(await _outbox_rows(srv, conv)) == 3
+    # Young rows belong to their own process's publisher: the sweep leaves them.
+    with trio.move_on_after(max(0.0, t0 + 1.0 - trio.current_time())):
+        await reader.expect("message", conv=conv, timeout=5)
+        raise AssertionError("a row younger than claim_after was swept")
+    got = await reader.messages(conv, 3, timeout=10)
+    assert [m["seq"] for m in got] == [1, 2, 3]
+    assert await _outbox_rows(srv, conv) == []
+
+
+async def test_a_process_that_cannot_publish_wakes_the_other_relays(
+    nursery, postgres, redis_server, connect, conv
+):
+    """Redis unreachable from one process only: another process's relay, woken by
+    NOTIFY, publishes its commits long before they are ``claim_after`` old."""
+    cfg = make_config(postgres, redis_server, relay={"claim_after": 60, "poll_interval": 30})
+    cut_off = await nursery.start(serve, cfg)
+    healthy = await nursery.start(serve, cfg)
+    await _swept_clean(cut_off)
+    await _swept_clean(healthy)
+    reader = await connect(healthy, "reader")
+    await reader.subscribe(conv)
+    writer = await connect(cut_off, "writer")
+    cut_off.chaos.break_for("redis", math.inf)
+    for k in range(3):
+        ack = await writer.send_message(conv, f"m{k}")
+        assert ack["type"] == "ack"
+    got = await reader.messages(conv, 3, timeout=10)
+    assert [m["seq"] for m in got] == [1, 2, 3]
+    assert healthy.relay.published >= 3
+
+
+async def test_a_commit_does_not_wait_for_rows_a_relay_holds(server, connect, conv):
+    """The next commit deletes published rows with SKIP LOCKED: a row locked by a
+    relay mid-publish (up to the Redis deadline) never delays an ack."""
+    await _swept_clean(server)
+    writer = await connect(server, "writer")
+    server.store.on_committed = None  # keep m0's row in the outbox
+    await writer.send_message(conv, "m0")
+    (row,) = await _outbox_rows(server, conv)
+    locked = trio.Event()
+
+    async def hold(pool):
+        async with pool.acquire() as con, con.transaction():
+            await con.execute("SELECT 1 FROM outbox WHERE id = $1 FOR UPDATE", row["id"])
+            locked.set()
+            await asyncio.sleep(4)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(lambda: server.gateway.postgres(hold, server.store.pool, deadline=10))
+        await locked.wait()
+        server.store.mark_published([row["id"]])
+        with trio.fail_after(2):
+            ack = await writer.send_message(conv, "m1")
+        assert ack["seq"] == 2
+        assert row in await _outbox_rows(server, conv), "the held row was skipped"
+    # Unlocked, it is deleted by the next commit (or the committer's idle flush).
+    server.store.mark_published([row["id"]])
+
+    async def gone():
+        return row not in await _outbox_rows(server, conv)
+
+    await wait_until(gone, timeout=5)
