@@ -56,7 +56,7 @@ class Limits:
     history_max: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Request:
     op: str
     ref: Any

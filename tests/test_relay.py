@@ -124,3 +124,25 @@ async def test_a_commit_does_not_wait_for_rows_a_relay_holds(server, connect, co
         return row not in await _outbox_rows(server, conv)
 
     await wait_until(gone, timeout=5)
+
+
+async def test_the_relay_vacuums_the_outbox(nursery, postgres, redis_server, connect, conv):
+    srv = await nursery.start(
+        serve, make_config(postgres, redis_server, relay={"vacuum_every": 5, "poll_interval": 0.2})
+    )
+
+    async def vacuum_count():
+        (row,) = await sql(
+            srv, "SELECT vacuum_count FROM pg_stat_user_tables WHERE relname = 'outbox'"
+        )
+        return row["vacuum_count"]
+
+    before = await vacuum_count()
+    writer = await connect(srv, "writer")
+    for k in range(10):
+        await writer.send_message(conv, f"m{k}")
+
+    async def vacuumed():
+        return srv.relay.vacuums >= 1 and await vacuum_count() > before
+
+    await wait_until(vacuumed, timeout=10)
