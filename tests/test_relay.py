@@ -90,7 +90,9 @@ async def test_a_process_that_cannot_publish_wakes_the_other_relays(
         assert ack["type"] == "ack"
     got = await reader.messages(conv, 3, timeout=10)
     assert [m["seq"] for m in got] == [1, 2, 3]
-    assert healthy.relay.published >= 3
+    # Some may have arrived by gap fill (the feed reads a missing seq from Postgres),
+    # but only the healthy process's sweep, woken by NOTIFY, can have published.
+    assert healthy.relay.published >= 1
 
 
 async def test_a_commit_does_not_wait_for_rows_a_relay_holds(server, connect, conv):
