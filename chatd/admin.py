@@ -155,7 +155,7 @@ async def _route(server: Server, method: str, path: str, body: bytes) -> dict[st
             404, f"no such endpoint {path}; try /status, /chaos, /chaos/break, /chaos/heal"
         )
     if path == "/status":
-        return await server.status()
+        return await server.engine.status()
     if path == "/chaos":
         return chaos.status()
     obj = _json_body(body)

@@ -1,17 +1,19 @@
 """Chaos gates: break Postgres or Redis for a while without touching the servers.
 
-The gateway checks :meth:`Chaos.check` before every call to a component, so
-while a gate is open every call raises exactly as an outage would (or, in the
-gentler modes, is delayed, or a fraction of calls fail). Gates are timed on
-Trio's clock, so tests can drive them with a mock clock.
+Every adapter call goes through :meth:`Chaos.call`, real and memory adapters
+alike, so while a gate is open every call raises exactly as an outage would
+(or, in the gentler modes, is delayed, or a fraction of calls fail), and
+every call has its deadline. Gates are timed on Trio's clock, so tests can
+drive them with a mock clock.
 """
 
 from __future__ import annotations
 
 import math
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -19,6 +21,8 @@ from chatd.errors import BusUnavailable, StoreUnavailable, Unavailable
 
 COMPONENTS = ("postgres", "redis")
 _ERRORS: dict[str, type[Unavailable]] = {"postgres": StoreUnavailable, "redis": BusUnavailable}
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -109,3 +113,25 @@ class Chaos:
         if self._rng.random() < gate.fraction:
             gate.tripped += 1
             raise _ERRORS[component](f"{component} is broken by the chaos switch")
+
+    async def call(
+        self, components: tuple[str, ...], deadline: float, fn: Callable[[], Awaitable[T]]
+    ) -> T:
+        """Run ``fn()`` as a call to ``components``: their gates first, all under ``deadline``.
+
+        No answer within the deadline raises the first component's outage error
+        (the outcome of a write is then unknown).
+        """
+        try:
+            delays = [(c, self.check(c)) for c in components]
+            with trio.fail_after(deadline):
+                for component, delay in delays:
+                    if delay:
+                        # Latency mode: slow, still under the call's deadline.
+                        await trio.sleep(delay)
+                        self.check_after_delay(component)
+                return await fn()
+        except trio.TooSlowError:
+            raise _ERRORS[components[0]](
+                f"{'+'.join(components)}: no answer within {deadline:g}s"
+            ) from None

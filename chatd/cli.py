@@ -9,6 +9,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -36,16 +37,26 @@ def _setup_logging(config: Config) -> None:
 async def _serve_until_signal(config: Config) -> None:
     from chatd.server import serve
 
-    # The receiver stays open through teardown, so a second signal cannot kill
-    # chatd halfway through shutdown (and orphan embedded servers).
+    # The receiver stays open through the shutdown: the first signal starts the
+    # orderly shutdown, a second one cancels it (still bounded by the same
+    # deadline), and none can kill chatd halfway and orphan embedded servers.
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            server = await nursery.start(serve, config)
+
+            async def run(task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+                await serve(config, task_status=task_status)
+                nursery.cancel_scope.cancel()  # done: stop watching for signals
+
+            server = await nursery.start(run)
             print(f"chatd serving on {server.url}", flush=True)
             async for signum in signals:
-                log.info("received %s, shutting down", signal.Signals(signum).name)
-                nursery.cancel_scope.cancel()
-                break
+                name = signal.Signals(signum).name
+                if not server._stop.is_set():
+                    log.info("received %s, shutting down (again to stop at once)", name)
+                    server.shutdown()
+                else:
+                    log.warning("received %s again, stopping now", name)
+                    nursery.cancel_scope.cancel()
 
 
 def _raise_exit(signum: int, frame: object) -> None:
@@ -74,20 +85,20 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 async def _migrate(config: Config) -> list[str]:
-    from chatd import schema
+    from chatd.adapters import schema
+    from chatd.adapters.bridge import open_bridge
+    from chatd.adapters.postgres import open_postgres_log
     from chatd.chaos import Chaos
-    from chatd.gateway import open_gateway
-    from chatd.store import open_store
 
     async with (
-        open_gateway(
+        open_bridge(
             Chaos(),
             postgres_timeout=config.postgres.command_timeout,
             redis_timeout=config.redis.command_timeout,
-        ) as gw,
-        open_store(gw, config, migrate=False) as store,
+        ) as bridge,
+        open_postgres_log(bridge, config.postgres, migrate=False) as pglog,
     ):
-        return await gw.postgres(schema.apply, store.pool, deadline=120.0)
+        return await bridge.postgres(schema.apply, pglog.pool, deadline=120.0)
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:

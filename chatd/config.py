@@ -35,7 +35,8 @@ class ServerConfig:
     max_inflight_sends: int = 64
     #: A connection that has not said hello within this many seconds is closed.
     hello_timeout: float = 10.0
-    #: How long shutdown waits for connections to close.
+    #: The one deadline of a shutdown: answering every send in flight, ending
+    #: every reply, closing every client with 1001 and then the pools.
     shutdown_grace: float = 5.0
     #: Anonymous identities via ``{"op":"hello","user":...}``.
     allow_anonymous: bool = True
@@ -79,8 +80,6 @@ class RelayConfig:
     batch: int = 500
     #: Polling fallback: LISTEN/NOTIFY is a wake-up, not a guarantee.
     poll_interval: float = 1.0
-    backoff_min: float = 0.05
-    backoff_max: float = 2.0
     #: The committing process publishes its own rows at once; a relay's poll
     #: takes only rows older than this (their publisher died or failed).
     claim_after: float = 2.0
@@ -89,6 +88,14 @@ class RelayConfig:
     publish_queue: int = 1024
     #: VACUUM the outbox after this many rows left it (0: leave it to autovacuum).
     vacuum_every: int = 20000
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    """How every component waits out an outage of Postgres or Redis."""
+
+    backoff_min: float = 0.05
+    backoff_max: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -167,15 +174,12 @@ class Config:
     redis: RedisConfig = field(default_factory=RedisConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     relay: RelayConfig = field(default_factory=RelayConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
     embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     streams: StreamsConfig = field(default_factory=StreamsConfig)
     chaos: ChaosConfig = field(default_factory=ChaosConfig)
     log: LogConfig = field(default_factory=LogConfig)
-
-    @property
-    def embedded_needed(self) -> bool:
-        return not self.postgres.dsn or not self.redis.url
 
     def with_dsns(self, *, postgres: str | None = None, redis: str | None = None) -> Config:
         """Return a copy with the given DSNs filled in (used for embedded servers)."""
@@ -192,6 +196,13 @@ ENV_OVERRIDES = {
     "CHATD_REDIS_URL": ("redis", "url"),
     "CHATD_MODEL_API_KEY": ("model", "api_key"),
     "CHATD_ADMIN_TOKEN": ("chaos", "admin_token"),
+}
+
+
+#: Keys that moved: an old config file gets told where.
+_MOVED = {
+    ("relay", "backoff_min"): "[retry].backoff_min",
+    ("relay", "backoff_max"): "[retry].backoff_max",
 }
 
 
@@ -235,7 +246,9 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
         kwargs = {}
         for key, value in values.items():
             if key not in allowed:
-                raise ConfigError(f"unknown config key [{section}].{key}")
+                moved = _MOVED.get((section, key))
+                hint = f" (it moved to {moved})" if moved else ""
+                raise ConfigError(f"unknown config key [{section}].{key}{hint}")
             kwargs[key] = _coerce(section, key, value, getattr(defaults, key))
         sections[section] = cls(**kwargs)
     config = Config(**sections)
@@ -262,6 +275,12 @@ def _validate(config: Config) -> None:
         (config.relay.poll_interval > 0, "[relay].poll_interval must be positive"),
         (config.relay.claim_after > 0, "[relay].claim_after must be positive"),
         (config.relay.publish_queue >= 1, "[relay].publish_queue must be at least 1"),
+        (config.retry.backoff_min > 0, "[retry].backoff_min must be positive"),
+        (
+            config.retry.backoff_max >= config.retry.backoff_min,
+            "[retry].backoff_max must not be less than [retry].backoff_min",
+        ),
+        (config.server.shutdown_grace >= 1, "[server].shutdown_grace must be at least 1 second"),
         (
             config.model.backend in ("fake", "openai"),
             '[model].backend must be "fake" or "openai"',

@@ -29,7 +29,7 @@ import httpx
 import orjson
 import trio
 
-from chatd.config import Config, ModelConfig
+from chatd.config import ModelConfig
 from chatd.errors import ModelError
 
 
@@ -178,9 +178,8 @@ def _parse_sse_line(line: str) -> tuple[str, bool]:
 
 
 @asynccontextmanager
-async def open_model(config: Config) -> AsyncIterator[Model]:
+async def open_model(cfg: ModelConfig) -> AsyncIterator[Model]:
     """The configured backend, with its HTTP client if it needs one."""
-    cfg = config.model
     if cfg.backend == "fake":
         yield FakeModel(cfg)
         return

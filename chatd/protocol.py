@@ -14,11 +14,11 @@ import orjson
 
 PROTOCOL_VERSION = 1
 
-#: WebSocket close codes chatd uses (4000-4999 are application codes).
+#: WebSocket close codes chatd uses (4000-4999 are application codes; a frame over
+#: ``[server].max_frame_bytes`` is closed with 1009 by trio-websocket itself).
 CLOSE_SLOW_CONSUMER = 4008
 CLOSE_HELLO_TIMEOUT = 4001
 CLOSE_GOING_AWAY = 1001
-CLOSE_TOO_BIG = 1009
 
 _CONV = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
 _IDENT_MAX = 128

@@ -1,35 +1,45 @@
-"""The server: one ownership tree for everything chatd runs.
+"""The server: one ownership tree for everything ``chatd serve`` runs.
 
-:func:`serve` opens the asyncio bridge, the Postgres pool and the Redis client
-as async context managers, then one root nursery; it starts the committer,
-the relay, the hub and the WebSocket listener and reports ``started(server)``
-last. Cancelling it stops everything, in reverse order, within bounds.
+:func:`serve` opens, as async context managers and in this order, the
+asyncio bridge, the Postgres log, the Redis transport and the model; then
+the engine (:func:`chatd.engine.engine.open_engine`); then the WebSocket
+listener, whose connections each run a session. It reports
+``started(server)`` last.
+
+**Stopping.** :meth:`Server.shutdown` (the CLI calls it on SIGTERM/SIGINT)
+is the orderly way, bounded by ``[server].shutdown_grace``: the listener
+stops accepting, the engine drains (every send in flight answered, every
+reply ended, every client closed with 1001), the sessions get the rest of
+the deadline to finish, then the services and the pools stop. Cancelling
+``serve()`` also stops everything within the same deadline: sends in flight
+are then answered ``unavailable`` unless their commit finishes in time.
+Nothing ``serve()`` started outlives it.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
 
 import trio
 from trio_websocket import WebSocketRequest, WebSocketServer, serve_websocket
 
+from chatd.adapters.bridge import open_bridge
+from chatd.adapters.postgres import PostgresLog, open_postgres_log
+from chatd.adapters.redis_transport import RedisTransport, open_redis_transport
+from chatd.adapters.websocket import WsConnection
 from chatd.admin import serve_admin
-from chatd.bus import Bus, open_bus
 from chatd.chaos import Chaos
 from chatd.config import Config
-from chatd.errors import Unavailable
-from chatd.gateway import Gateway, open_gateway
-from chatd.hub import Hub
+from chatd.engine.engine import Engine, open_engine
 from chatd.model import open_model
-from chatd.protocol import ProtocolError, Request
-from chatd.relay import Relay
-from chatd.session import Session
-from chatd.store import Store, open_store
-from chatd.streams import Streams
+from chatd.shutdown import ShutdownClock
 
 log = logging.getLogger("chatd.server")
+
+#: Handshake deadlines for WebSocket clients.
+_CONNECT_TIMEOUT = 10.0
+_DISCONNECT_TIMEOUT = 2.0
 
 
 @dataclass
@@ -37,18 +47,25 @@ class Server:
     """A running chatd: what ``serve`` hands to ``task_status.started``."""
 
     config: Config
-    gateway: Gateway
-    chaos: Chaos
-    store: Store
-    bus: Bus
-    hub: Hub
-    relay: Relay
-    streams: Streams
-    sessions: set[Session] = field(default_factory=set)
+    engine: Engine
     listener: WebSocketServer | None = None
     #: Port of the admin interface, when ``[chaos].enabled``.
     admin_port: int | None = None
-    slow_disconnects: int = 0
+    _stop: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def chaos(self) -> Chaos:
+        return self.engine.chaos
+
+    @property
+    def log(self) -> PostgresLog:
+        assert isinstance(self.engine.log, PostgresLog)
+        return self.engine.log
+
+    @property
+    def transport(self) -> RedisTransport:
+        assert isinstance(self.engine.transport, RedisTransport)
+        return self.engine.transport
 
     @property
     def port(self) -> int:
@@ -59,55 +76,9 @@ class Server:
     def url(self) -> str:
         return f"ws://{self.config.server.host}:{self.port}/"
 
-    def authenticate(self, req: Request) -> str:
-        """Resolve a hello to a user name. Token auth plugs in here."""
-        if req.get("token") is not None:
-            raise ProtocolError(
-                "unauthorized", "token authentication is not configured on this server", req.ref
-            )
-        if not self.config.server.allow_anonymous:
-            raise ProtocolError(
-                "unauthorized", "anonymous hello is disabled; send a token", req.ref
-            )
-        return req["user"]
-
-    async def status(self) -> dict[str, Any]:
-        """Health of both components and the outbox lag, for operators."""
-        out: dict[str, Any] = {
-            "postgres": "ok",
-            "redis": "ok",
-            "connections": len(self.sessions),
-            "feeds": len(self.hub.feeds),
-            "pubsub_live": self.hub.bus_healthy,
-            "committed": self.store.committed,
-            "published": self.relay.fresh_published,
-            "relayed": self.relay.published,
-            "gap_fills": self.hub.gap_fills,
-            "stream_fills": self.hub.stream_fills,
-            "slow_disconnects": self.slow_disconnects,
-            **self.streams.status(),
-            "chaos": self.chaos.status(),
-        }
-        try:
-            out.update(await self.store.stats())
-            out["postgres"] = "ok"
-        except Unavailable as exc:
-            out["postgres"] = f"unavailable: {exc.message}"
-        try:
-            await self.bus.ping()
-            out["redis"] = "ok"
-        except Unavailable as exc:
-            out["redis"] = f"unavailable: {exc.message}"
-        return out
-
-    async def _handle(self, request: WebSocketRequest) -> None:
-        ws = await request.accept()
-        session = Session(self, ws)
-        self.sessions.add(session)
-        try:
-            await session.run()
-        finally:
-            self.sessions.discard(session)
+    def shutdown(self) -> None:
+        """Begin the orderly shutdown; ``serve()`` returns when it is done."""
+        self._stop.set()
 
 
 async def serve(
@@ -116,43 +87,43 @@ async def serve(
     chaos: Chaos | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run chatd until cancelled. ``config`` must carry both DSNs."""
+    """Run chatd until :meth:`Server.shutdown` or cancellation. ``config`` must carry both DSNs."""
     if not config.postgres.dsn or not config.redis.url:
         raise ValueError(
             "serve() needs [postgres].dsn and [redis].url (the CLI starts embedded servers)"
         )
     chaos = chaos or Chaos()
+    shutdown = ShutdownClock(config.server.shutdown_grace)
     async with (
-        open_gateway(
+        open_bridge(
             chaos,
             postgres_timeout=config.postgres.command_timeout,
             redis_timeout=config.redis.command_timeout,
-        ) as gateway,
-        open_store(gateway, config) as store,
-        open_bus(gateway, config) as bus,
-        open_model(config) as model,
-        trio.open_nursery() as nursery,
+        ) as bridge,
+        open_postgres_log(bridge, config.postgres, shutdown=shutdown) as pglog,
+        open_redis_transport(bridge, config.redis, shutdown=shutdown) as transport,
+        open_model(config.model) as model,
+        open_engine(
+            config, log=pglog, transport=transport, model=model, chaos=chaos, shutdown=shutdown
+        ) as engine,
+        trio.open_nursery() as handlers,
     ):
-        hub = Hub(store, bus)
-        relay = Relay(gateway, store, bus, config)
-        store.on_committed = relay.offer
-        streams = Streams(config, store, bus, model)
-        hub.on_control = streams.handle_control
-        server = Server(config, gateway, chaos, store, bus, hub, relay, streams)
-        await nursery.start(store.run_committer)
-        await nursery.start(relay.run)
-        await nursery.start(hub.run)
-        await nursery.start(streams.run)
-        if config.chaos.enabled:
-            server.admin_port = await nursery.start(serve_admin, server)
+        server = Server(config, engine)
         try:
-            async with trio.open_nursery() as handlers:
-                server.listener = await handlers.start(_listen, server, handlers)
+            async with trio.open_nursery() as accept:
+                server.listener = await accept.start(_listen, server, handlers)
+                if config.chaos.enabled:
+                    server.admin_port = await accept.start(serve_admin, server)
                 log.info("chatd listening on %s", server.url)
                 task_status.started(server)
-                await trio.sleep_forever()
+                await server._stop.wait()
+                accept.cancel_scope.cancel()
         finally:
-            nursery.cancel_scope.cancel()
+            shutdown.begin()
+        log.info("shutting down: draining %d connection(s)", len(engine.sessions))
+        await engine.drain()
+        # What the sessions do not finish by the deadline is cut (hypercorn's graceful_timeout).
+        handlers.cancel_scope.deadline = shutdown.deadline_of("close")
 
 
 async def _listen(
@@ -162,14 +133,19 @@ async def _listen(
     task_status: trio.TaskStatus[WebSocketServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     cfg = server.config.server
+
+    async def handle(request: WebSocketRequest) -> None:
+        ws = await request.accept()
+        await server.engine.run_session(WsConnection(ws))
+
     await serve_websocket(
-        server._handle,
+        handle,
         cfg.host,
         cfg.port,
         ssl_context=None,
         handler_nursery=handlers,
         max_message_size=cfg.max_frame_bytes,
-        connect_timeout=10.0,
-        disconnect_timeout=2.0,
+        connect_timeout=_CONNECT_TIMEOUT,
+        disconnect_timeout=_DISCONNECT_TIMEOUT,
         task_status=task_status,
     )

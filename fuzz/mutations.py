@@ -29,28 +29,29 @@ ROOT = Path(__file__).resolve().parent.parent
 class Mutant:
     name: str
     what: str
-    file: str
-    patches: tuple[tuple[str, str], ...]
+    #: (file, anchor that must occur exactly once, its replacement)
+    patches: tuple[tuple[str, str, str], ...]
 
 
 MUTANTS = [
     Mutant(
         "publish-aborts-commit",
         "a failed token publish aborts the reply: it is never committed",
-        "chatd/streams.py",
         (
             (
-                "                    self.lane_failures += 1\n",
-                "                    self.lane_failures += 1\n"
-                "                    for s in batch:  # PLANTED\n"
-                "                        s.truncated = None\n"
-                "                        if s.scope is not None:\n"
-                "                            s.scope.cancel()\n",
+                "chatd/engine/lane.py",
+                "                    self.failures += 1\n",
+                "                    self.failures += 1\n"
+                "                    for r in batch:  # PLANTED\n"
+                "                        r.truncated = None\n"
+                "                        if r.scope is not None:\n"
+                "                            r.scope.cancel()\n",
             ),
             (
-                "            error = await self._generate(s)\n",
-                "            error = await self._generate(s)\n"
-                "            if s.truncated is None:  # PLANTED\n"
+                "chatd/engine/replies.py",
+                "            error = await self._generate(r)\n",
+                "            error = await self._generate(r)\n"
+                "            if r.truncated is None:  # PLANTED\n"
                 "                error = ModelError('token publish failed')\n",
             ),
         ),
@@ -58,13 +59,14 @@ MUTANTS = [
     Mutant(
         "dedup",
         "live events are delivered without dedupe against the snapshot/cursor (overlaps repeat)",
-        "chatd/hub.py",
         (
             (
+                "chatd/engine/feed.py",
                 "        behind = [s for s in self.subs.values() if s.last < ev.seq]\n",
                 "        behind = list(self.subs.values())  # PLANTED\n",
             ),
             (
+                "chatd/engine/feed.py",
                 "                if seq == sub.last + 1:\n",
                 "                if seq > 0:  # PLANTED\n",
             ),
@@ -73,12 +75,12 @@ MUTANTS = [
     Mutant(
         "ack-before-commit",
         "a send whose commit failed is acknowledged anyway",
-        "chatd/store.py",
         (
             (
-                "            for p in batch:\n                p.on_done(err)\n            return\n",
+                "chatd/engine/committer.py",
+                "            for p in batch:\n                _answer(p, err)\n            return\n",
                 "            for p in batch:  # PLANTED\n"
-                "                p.on_done(Committed(p.msg.conv, p.msg.client_id, 0, False, {}))\n"
+                "                _answer(p, Committed(p.msg.conv, p.msg.client_id, 0, False, {}))\n"
                 "            return\n",
             ),
         ),
@@ -98,13 +100,12 @@ def run_mutant(m: Mutant) -> bool:
     with tempfile.TemporaryDirectory(prefix=f"chatd-mutant-{m.name}-") as tmp:
         dest = Path(tmp)
         _copy_project(dest)
-        path = dest / m.file
-        src = path.read_text()
-        for old, new in m.patches:
+        for file, old, new in m.patches:
+            path = dest / file
+            src = path.read_text()
             if src.count(old) != 1:
-                raise SystemExit(f"mutant {m.name}: anchor not found once in {m.file}: {old!r}")
-            src = src.replace(old, new)
-        path.write_text(src)
+                raise SystemExit(f"mutant {m.name}: anchor not found once in {file}: {old!r}")
+            path.write_text(src.replace(old, new))
         _drop_examples(dest / "fuzz" / "test_interleavings.py")
         env = {**os.environ, "PYTHONPATH": str(dest)}
         check = subprocess.run(

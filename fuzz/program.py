@@ -334,7 +334,7 @@ class World:
     async def check(self) -> None:
         srv = self.srv
         with trio.fail_after(30):
-            while srv.streams.active:
+            while srv.engine.replies.active:
                 await trio.sleep(0.05)
         await check_outbox_drains(srv)  # 7
         rows_by_conv = {}
@@ -390,14 +390,14 @@ class World:
                 f"watcher from cursor {start} got {w.seqs} before reconnecting"
             )
         # 7: no leaked feeds, sessions or reply tasks.
-        assert set(srv.hub.feeds) <= {self.conv(i) for i in range(CONVS)}
+        assert set(srv.engine.hub.feeds) <= {self.conv(i) for i in range(CONVS)}
         with trio.fail_after(10):
-            while len(srv.sessions) != 2 * CLIENTS:
+            while len(srv.engine.sessions) != 2 * CLIENTS:
                 await trio.sleep(0.05)
         with trio.move_on_after(10):  # a finished reply may still be publishing its end
-            while len(srv.streams._nursery.child_tasks) > 1:
+            while srv.engine.replies.running:
                 await trio.sleep(0.05)
-        assert len(srv.streams._nursery.child_tasks) == 1, "only the lane task remains"
+        assert srv.engine.replies.running == 0, "no reply task is left"
 
 
 async def run_program(

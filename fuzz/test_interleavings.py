@@ -36,7 +36,8 @@ def _config(pg, rs):
         rs,
         model={"fake_tokens": 20, "fake_token_rate": 100.0},
         streams={"commit_timeout": 15.0},
-        relay={"poll_interval": 0.3, "backoff_max": 0.3},
+        relay={"poll_interval": 0.3},
+        retry={"backoff_max": 0.3},
     )
 
 

@@ -6,13 +6,17 @@ import json
 from typing import Any
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, connect_websocket_url
+from trio_websocket import ConnectionClosed, connect_websocket_url
+
+from chatd.ports import ConnectionGone
 
 _STREAM_FRAMES = ("stream.start", "delta", "stream.end", "stream.error")
 
 
 class Client:
-    def __init__(self, ws: WebSocketConnection) -> None:
+    """Over a trio-websocket client connection, or a MemoryClient (same calls)."""
+
+    def __init__(self, ws: Any) -> None:
         self.ws = ws
         #: Every frame received, in order.
         self.frames: list[dict[str, Any]] = []
@@ -129,6 +133,8 @@ class Client:
                     await self.ws.get_message()
             except ConnectionClosed as exc:
                 return exc.reason.code
+            except ConnectionGone as exc:
+                return exc.code
 
     async def close(self) -> None:
         with trio.move_on_after(2):

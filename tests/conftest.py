@@ -68,7 +68,8 @@ def make_config(pg: PostgresServer, rs: RedisServer, **sections: dict[str, Any])
         "server": {"port": 0, "hello_timeout": 5.0},
         "postgres": {"dsn": pg.dsn, "command_timeout": 3.0},
         "redis": {"url": rs.url, "command_timeout": 1.0, "connect_timeout": 1.0},
-        "relay": {"poll_interval": 0.5, "backoff_max": 0.5},
+        "relay": {"poll_interval": 0.5},
+        "retry": {"backoff_max": 0.5},
     }
     for section, values in sections.items():
         data.setdefault(section, {}).update(values)
@@ -113,15 +114,19 @@ __all__ = ["make_config", "replace"]
 
 
 async def sql(srv: Server, query: str, *args: Any) -> list[dict[str, Any]]:
-    """Run a query against the server's own Postgres (through its gateway)."""
+    """Run a query against the server's own Postgres (through its bridge)."""
 
     async def _query(pool: Any) -> list[dict[str, Any]]:
         return [dict(r) for r in await pool.fetch(query, *args)]
 
-    return await srv.gateway.postgres(_query, srv.store.pool)
+    return await srv.log.bridge.postgres(_query, srv.log.pool)
 
 
 async def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> None:
     with trio.fail_after(timeout):
         while not await predicate():
             await trio.sleep(interval)
+
+
+from tests.engine_env import clock, env, kind, servers  # noqa: E402, F401  (fixtures)
+from tests.ports import contract_dsn, logs, transports  # noqa: E402, F401  (fixtures)

@@ -10,6 +10,7 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from chatd.embedded import PostgresServer, RedisServer
+from chatd.ports import ConnectionGone
 from chatd.server import Server
 from tests.client import Client
 from tests.conftest import sql, wait_until
@@ -96,7 +97,7 @@ class Watcher:
                     self.live.add(f["stream"])
                 elif kind in ("stream.end", "stream.error"):
                     self.ends[f["stream"]] = f
-        except ConnectionClosed:
+        except (ConnectionClosed, ConnectionGone):
             return
 
     async def wait_for(self, n: int, timeout: float = 20.0) -> None:

@@ -6,9 +6,10 @@ import math
 
 import trio
 
+from chatd.adapters.postgres import message_dict
 from chatd.protocol import encode
+from chatd.records import NewMessage, message_event
 from chatd.server import serve
-from chatd.store import NewMessage, _aio_commit_batch, message_dict, message_event
 from tests.conftest import sql, wait_until
 
 
@@ -98,7 +99,7 @@ async def test_group_commit_batch_in_one_call(server, conv):
     Postgres) are exactly what the rest of chatd produces."""
     server.chaos.break_for("redis", math.inf)  # keep the outbox rows for inspection
     other = conv + "-b"
-    await server.store.send(NewMessage(conv, "early", "alice", "first"))
+    await server.engine.committer.commit(NewMessage(conv, "early", "alice", "first"))
     tricky = 'quote " backslash \\ newline \n tab \t nul-free \u2028 emoji \U0001f600 \u00e9'
     batch = [
         NewMessage(conv, "a1", "alice", tricky),
@@ -108,9 +109,7 @@ async def test_group_commit_batch_in_one_call(server, conv):
         NewMessage(conv, "a1", "alice", "repeated in the batch"),
         NewMessage(other, "b2", "bob", ""),
     ]
-    results, events = await server.gateway.postgres(
-        _aio_commit_batch, server.store.pool, batch, [], False
-    )
+    results, events = await server.log.commit(batch, [], False)
     got = [(r.conv, r.client_id, r.seq, r.duplicate) for r in results]
     assert got == [
         (conv, "a1", 2, False),
@@ -174,7 +173,9 @@ async def test_gapless_seqs_under_concurrent_senders(server, connect, conv):
     assert [r["seq"] for r in rows] == list(range(1, senders * per + 1))
     head = await sql(server, "SELECT head FROM conversations WHERE id = $1", conv)
     assert head == [{"head": senders * per}]
-    assert server.store.batches < server.store.committed, "group commit batched some sends"
+    assert server.engine.committer.batches < server.engine.committer.committed, (
+        "group commit batched some sends"
+    )
 
 
 async def test_fan_out_to_several_subscribers(server, connect, conv):
@@ -260,37 +261,6 @@ async def test_too_far_behind_is_not_recovered(nursery, postgres, redis_server, 
     snap = await (await connect(srv, "r")).subscribe(conv, after=1)
     assert snap["recovered"] is False
     assert [m["seq"] for m in snap["messages"]] == [5, 6]
-
-
-async def test_clients_joining_together_share_one_consistent_snapshot_call(
-    nursery, postgres, redis_server, conv
-):
-    """Joins queued together are answered from one round trip; each gets exactly
-    what a join of its own would have got."""
-    from tests.conftest import make_config
-
-    srv = await nursery.start(
-        serve, make_config(postgres, redis_server, store={"snapshot_messages": 4, "max_catchup": 5})
-    )
-    for k in range(9):
-        await srv.store.send(NewMessage(conv, f"m{k}", "w", f"text {k}"))
-    await srv.store.send(NewMessage(conv, "~reply", "assistant", "done", role="assistant"))
-    afters = [None, 0, 3, 5, 10, 12]
-    snaps = await srv.store.snapshots(conv, afters, ["~reply", "~other"])
-    got = [([m["seq"] for m in s.messages], s.head, s.recovered) for s in snaps]
-    assert got == [
-        ([7, 8, 9, 10], 10, True),  # no cursor: the latest N
-        ([7, 8, 9, 10], 10, False),  # too far behind: the latest N, not recovered
-        ([7, 8, 9, 10], 10, False),
-        ([6, 7, 8, 9, 10], 10, True),  # within max_catchup: everything after
-        ([], 10, True),
-        ([], 10, True),
-    ]
-    assert all(s.committed_streams == {"~reply"} for s in snaps)
-    for after, snap in zip(afters, snaps, strict=True):
-        assert await srv.store.snapshot(conv, after, ["~reply", "~other"]) == snap
-    empty = await srv.store.snapshots(conv + "-none", [None, 3], [])
-    assert [(s.messages, s.head, s.recovered) for s in empty] == [([], 0, True), ([], 0, True)]
 
 
 async def test_history_pages_back(server, connect, conv):

@@ -34,9 +34,11 @@ async def test_slow_consumer_is_disconnected_with_4008(
     for k in range(300):
         ack = await writer.send_message(conv, f"m{k}", text)
         assert ack["type"] == "ack"
-        if srv.slow_disconnects:
+        if srv.engine.counters.slow_disconnects:
             break
-    assert srv.slow_disconnects == 1, "only the client that stopped reading is dropped"
+    assert srv.engine.counters.slow_disconnects == 1, (
+        "only the client that stopped reading is dropped"
+    )
     assert await slow.closed_code() == 4008
     # The reading client got everything, in order.
     with trio.fail_after(20):
@@ -96,12 +98,12 @@ async def test_gap_is_filled_from_postgres(server, connect, conv):
             )
             await con.execute("UPDATE conversations SET head = 2 WHERE id = $1", conv)
 
-    await server.gateway.postgres(lose_publish, server.store.pool)
-    before = server.hub.gap_fills
+    await server.log.bridge.postgres(lose_publish, server.log.pool)
+    before = server.engine.hub.counters.gap_fills
     await writer.send_message(conv, "m3")
     got = await reader.messages(conv, 2)
     assert [(m["seq"], m["id"]) for m in got] == [(2, "lost"), (3, "m3")]
-    assert server.hub.gap_fills == before + 1
+    assert server.engine.hub.counters.gap_fills == before + 1
 
 
 async def test_subscriber_resyncs_after_redis_restart(nursery, postgres, own_redis, connect, conv):
@@ -145,7 +147,7 @@ async def test_join_during_resync_backoff_is_not_cut_short(server, connect, conv
     # Redis blips (longer than one idle pump call): the pub/sub reconnect asks
     # every feed to resync, which fails.
     server.chaos.break_for("redis", 1.5)
-    feed = server.hub.feeds[conv]
+    feed = server.engine.hub.feeds[conv]
 
     async def resync_failing() -> bool:
         return feed.needs_resync
@@ -169,11 +171,11 @@ async def test_new_subscription_goes_live_without_waiting_for_the_pump(server, c
     t0 = trio.current_time()
 
     async def live() -> bool:
-        return conv in server.bus._subscribed
+        return conv in server.transport.subscribed
 
     await wait_until(live, timeout=5, interval=0.005)
     assert trio.current_time() - t0 < 0.5
     writer = await connect(server, "writer")
     await writer.send_message(conv, "m1")
     assert (await reader.messages(conv, 1))[0]["seq"] == 1
-    assert server.hub.gap_fills == 0
+    assert server.engine.hub.counters.gap_fills == 0

@@ -40,7 +40,8 @@ async def env(nursery, postgres, own_redis, connect, conv):
         postgres,
         own_redis,
         model={"fake_tokens": 60, "fake_token_rate": 40.0},
-        relay={"batch": 10, "poll_interval": 0.3, "backoff_max": 0.3},
+        relay={"batch": 10, "poll_interval": 0.3},
+        retry={"backoff_max": 0.3},
     )
     srv = await nursery.start(serve, cfg)
     yield srv, Faults(srv, postgres, own_redis), connect, conv, nursery
@@ -123,7 +124,7 @@ async def test_mid_stream(env, component, kind):
 
     async def _no_partial():
         try:
-            return await srv.bus.read_streams(conv) == []
+            return await srv.transport.read_streams(conv) == []
         except Exception:
             return False
 
@@ -218,7 +219,7 @@ async def test_stray_asyncio_error_is_logged_not_fatal(server, connect, conv, ca
         gc.collect()
 
     c = await connect(server)
-    await server.gateway.postgres(orphan_failure)
+    await server.log.bridge.postgres(orphan_failure)
     await trio.sleep(0.2)
     assert (await c.request({"op": "ping"}, "pong"))["type"] == "pong"
     ack = await c.send_message(conv, "after-the-stray-error")

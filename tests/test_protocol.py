@@ -126,20 +126,3 @@ async def test_garbage_storm_does_not_disturb_other_clients(server, connect, con
             assert (await good.send_message(conv, f"m{k}"))["type"] == "ack"
     got = await good.messages(conv, 10)
     assert [m["seq"] for m in got] == list(range(1, 11))
-
-
-@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70000])
-def test_server_text_frames_are_what_wsproto_writes(size):
-    """The session frames text itself; it must be byte for byte wsproto's frame."""
-    from wsproto.connection import Connection, ConnectionType
-    from wsproto.events import TextMessage
-
-    from chatd.session import _text_frame
-
-    text = ("é" * size)[: size // 2] + "x" * (size - size // 2)  # multi-byte UTF-8 too
-    server = Connection(ConnectionType.SERVER)
-    assert _text_frame(text) == server.send(TextMessage(data=text))
-    client = Connection(ConnectionType.CLIENT)
-    client.receive_data(_text_frame(text))
-    (event,) = client.events()
-    assert event.data == text and event.message_finished

@@ -7,6 +7,7 @@ import math
 
 import trio
 
+from chatd.records import NewMessage
 from chatd.server import serve
 from tests.conftest import make_config, sql, wait_until
 
@@ -18,7 +19,7 @@ async def _outbox_rows(srv, conv):
 async def _swept_clean(srv) -> None:
     # At start the sweep drains every row (earlier tests' leftovers); wait it out.
     async def idle():
-        return not srv.relay.draining
+        return not srv.engine.relay.draining
 
     await wait_until(idle, timeout=10)
 
@@ -29,7 +30,7 @@ async def test_commits_are_published_at_once_and_deleted_by_later_commits(
     # The sweep only takes rows a minute old: whatever arrives came by the fast path.
     srv = await nursery.start(serve, make_config(postgres, redis_server, relay={"claim_after": 60}))
     await _swept_clean(srv)
-    swept = srv.relay.published
+    swept = srv.engine.relay.published
     reader = await connect(srv, "reader")
     await reader.subscribe(conv)
     writer = await connect(srv, "writer")
@@ -42,8 +43,8 @@ async def test_commits_are_published_at_once_and_deleted_by_later_commits(
         return not await _outbox_rows(srv, conv)
 
     await wait_until(deleted, timeout=5)
-    assert srv.relay.published == swept, "the sweep published nothing"
-    assert srv.relay.fresh_published >= 10
+    assert srv.engine.relay.published == swept, "the sweep published nothing"
+    assert srv.engine.relay.fresh_published >= 10
 
 
 async def test_rows_nobody_published_are_swept_once_old_enough(
@@ -55,12 +56,11 @@ async def test_rows_nobody_published_are_swept_once_old_enough(
     await _swept_clean(srv)
     reader = await connect(srv, "reader")
     await reader.subscribe(conv)
-    writer = await connect(srv, "writer")
-    # As if the process died between the commit and its publish.
-    srv.store.on_committed = None
+    # Committed past the committer, so nobody publishes them: as if the process
+    # died between the commit and its publish.
     t0 = trio.current_time()
     for k in range(3):
-        await writer.send_message(conv, f"m{k}")
+        await srv.log.commit([NewMessage(conv, f"m{k}", "writer", "hi")], [], False)
     assert len(await _outbox_rows(srv, conv)) == 3
     # Young rows belong to their own process's publisher: the sweep leaves them.
     with trio.move_on_after(max(0.0, t0 + 1.0 - trio.current_time())):
@@ -92,7 +92,7 @@ async def test_a_process_that_cannot_publish_wakes_the_other_relays(
     assert [m["seq"] for m in got] == [1, 2, 3]
     # Some may have arrived by gap fill (the feed reads a missing seq from Postgres),
     # but only the healthy process's sweep, woken by NOTIFY, can have published.
-    assert healthy.relay.published >= 1
+    assert healthy.engine.relay.published >= 1
 
 
 async def test_a_commit_does_not_wait_for_rows_a_relay_holds(server, connect, conv):
@@ -100,8 +100,8 @@ async def test_a_commit_does_not_wait_for_rows_a_relay_holds(server, connect, co
     relay mid-publish (up to the Redis deadline) never delays an ack."""
     await _swept_clean(server)
     writer = await connect(server, "writer")
-    server.store.on_committed = None  # keep m0's row in the outbox
-    await writer.send_message(conv, "m0")
+    # Past the committer, so nobody publishes m0: its row stays in the outbox.
+    await server.log.commit([NewMessage(conv, "m0", "writer", "hi")], [], False)
     (row,) = await _outbox_rows(server, conv)
     locked = trio.Event()
 
@@ -112,15 +112,15 @@ async def test_a_commit_does_not_wait_for_rows_a_relay_holds(server, connect, co
             await asyncio.sleep(4)
 
     async with trio.open_nursery() as n:
-        n.start_soon(lambda: server.gateway.postgres(hold, server.store.pool, deadline=10))
+        n.start_soon(lambda: server.log.bridge.postgres(hold, server.log.pool, deadline=10))
         await locked.wait()
-        server.store.mark_published([row["id"]])
+        server.engine.committer.mark_published([row["id"]])
         with trio.fail_after(2):
             ack = await writer.send_message(conv, "m1")
         assert ack["seq"] == 2
         assert row in await _outbox_rows(server, conv), "the held row was skipped"
     # Unlocked, it is deleted by the next commit (or the committer's idle flush).
-    server.store.mark_published([row["id"]])
+    server.engine.committer.mark_published([row["id"]])
 
     async def gone():
         return row not in await _outbox_rows(server, conv)
@@ -145,6 +145,6 @@ async def test_the_relay_vacuums_the_outbox(nursery, postgres, redis_server, con
         await writer.send_message(conv, f"m{k}")
 
     async def vacuumed():
-        return srv.relay.vacuums >= 1 and await vacuum_count() > before
+        return srv.engine.relay.vacuums >= 1 and await vacuum_count() > before
 
     await wait_until(vacuumed, timeout=10)

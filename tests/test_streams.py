@@ -45,7 +45,7 @@ async def test_deltas_concatenate_to_the_committed_text(
     rows = await _assistant_rows(srv, conv)
     assert [(r["client_id"], r["status"], r["body"]) for r in rows] == [(stream, "complete", text)]
     # The partial is gone from Redis once committed.
-    assert await srv.bus.read_streams(conv) == []
+    assert await srv.transport.read_streams(conv) == []
     # The sender is not subscribed: it got the ack, not the stream.
     assert not [f for f in alice.frames if f.get("type") == "delta"]
 
@@ -158,25 +158,26 @@ async def test_deltas_lost_before_the_end_are_filled_from_postgres(
     srv = await nursery.start(serve, _fast(postgres, redis_server, fake_token_rate=100.0))
     viewer = await connect(srv, "viewer")
     await viewer.subscribe(conv)
-    route = srv.hub._route_event
+    hub = srv.engine.hub
+    route = hub._route_event
     lost = []
 
-    def lose_late_deltas(feed, c, data):
-        if c == conv and '"type":"delta"' in data and '"offset":0,' not in data:
+    def lose_late_deltas(feed, data):
+        if feed.conv == conv and '"type":"delta"' in data and '"offset":0,' not in data:
             lost.append(data)  # as if Redis pub/sub had dropped it
             return
-        route(feed, c, data)
+        route(feed, data)
 
-    srv.hub._route_event = lose_late_deltas
+    hub._route_event = lose_late_deltas
     alice = await connect(srv, "alice")
     stream = (await alice.send_reply(conv, "q1", "tell me something"))["stream"]
-    fills = srv.hub.stream_fills
+    fills = hub.counters.stream_fills
     final, end = await viewer.follow(conv, stream)
     assert lost, "the test lost no delta"
     assert end["type"] == "stream.end" and end["length"] == len(final)
     rows = await _assistant_rows(srv, conv)
     assert [r["body"] for r in rows] == [final]
-    assert srv.hub.stream_fills == fills + 1
+    assert hub.counters.stream_fills == fills + 1
 
 
 async def test_concurrent_streams_in_several_conversations(
@@ -256,8 +257,8 @@ async def test_model_failure_discards_the_partial(nursery, postgres, redis_serve
     assert end["type"] == "stream.error" and end["code"] == "model_failed", end
     assert len(text.split(" ")) == 5
     assert await _assistant_rows(srv, conv) == [], "Postgres never holds an incomplete reply"
-    assert await srv.bus.read_streams(conv) == []
-    assert srv.streams.failed == 1
+    assert await srv.transport.read_streams(conv) == []
+    assert srv.engine.replies.failed == 1
 
 
 async def test_redis_failing_mid_stream_still_commits(
@@ -278,7 +279,7 @@ async def test_redis_failing_mid_stream_still_commits(
     await wait_until(lambda: _has_assistant(srv, conv), timeout=10)
     rows = await _assistant_rows(srv, conv)
     assert rows[0]["status"] == "complete" and len(rows[0]["body"].split(" ")) == 40
-    assert srv.streams.lane_failures > 0
+    assert srv.engine.replies.lane.failures > 0
     # After recovery the relay publishes the message: the bubble locks to it.
     msg = await viewer.expect("message", conv=conv, id=stream, timeout=10)
     assert msg["text"] == rows[0]["body"]
@@ -295,15 +296,16 @@ async def _has_assistant(srv, conv):
 
 async def test_stream_tasks_end_with_their_streams(nursery, postgres, redis_server, connect, conv):
     srv = await nursery.start(serve, _fast(postgres, redis_server))
-    lane_only = len(srv.streams._nursery.child_tasks)
+    replies = srv.engine.replies
+    assert replies.running == 0
     alice = await connect(srv, "alice")
     await alice.subscribe(conv)
     acks = [await alice.send_reply(conv, f"q{i}", f"q {i}") for i in range(4)]
-    assert len(srv.streams._nursery.child_tasks) > lane_only
+    assert replies.running > 0
     ends = [await alice.expect("stream.end", stream=a["stream"]) for a in acks]
     assert all(e["status"] == "complete" for e in ends)
-    await wait_until(_async(lambda: len(srv.streams._nursery.child_tasks) == lane_only), timeout=5)
-    assert srv.streams.active == {}
+    await wait_until(_async(lambda: replies.running == 0), timeout=5)
+    assert replies.active == {}
 
 
 def _async(fn):
@@ -383,7 +385,7 @@ async def test_shutdown_interrupts_generating_replies_without_writing_them(
         box["scope"].cancel()
         while not box.get("done"):
             await trio.sleep(0.01)
-    assert srv.streams.active == {}
+    assert srv.engine.replies.active == {}
     err = await viewer.expect("stream.error", stream=ack["stream"])
     assert err["code"] == "interrupted"
     assert await _assistant_rows(viewer_srv, conv) == []
@@ -398,7 +400,7 @@ async def test_reply_finishing_while_postgres_is_down_commits_after_recovery(
     ack = await viewer.send_reply(conv, "q1", "#tokens=10 #rate=100")
     srv.chaos.break_for("postgres", 1.5)  # the reply ends (0.1 s) inside the outage
     end = await viewer.expect("stream.end", stream=ack["stream"], timeout=10)
-    assert srv.streams.commit_retries > 0
+    assert srv.engine.replies.commit_retries > 0
     rows = await _assistant_rows(srv, conv)
     assert [(r["seq"], r["status"]) for r in rows] == [(end["seq"], "complete")]
 

@@ -195,7 +195,7 @@ def fmt_bytes(n: float) -> str:
 async def _migrate(config: Config) -> None:
     import asyncpg
 
-    from chatd import schema
+    from chatd.adapters import schema
 
     pool = await asyncpg.create_pool(config.postgres.dsn, min_size=1, max_size=2)
     try:

@@ -27,7 +27,7 @@ class Migration:
 def available() -> list[Migration]:
     """The migrations shipped with this chatd, in order."""
     found = []
-    for entry in resources.files("chatd.migrations").iterdir():
+    for entry in resources.files("chatd.adapters.migrations").iterdir():
         m = _NAME.match(entry.name)
         if m:
             found.append(Migration(int(m.group(1)), m.group(2), entry.read_text("utf-8")))

@@ -1,21 +1,20 @@
-"""The one crossing from Trio into asyncio (asyncpg and redis live there).
+"""The one crossing from Trio into asyncio, where asyncpg and redis-py live.
 
-Every Postgres and Redis call goes through :class:`Gateway`, which
+:class:`Bridge` runs an asyncio-side coroutine function from Trio:
 
-* checks the chaos gate of each component the call touches,
-* applies a Trio deadline, so nothing waits forever,
-* maps asyncpg/redis/OS errors to :class:`~chatd.errors.StoreUnavailable`,
+* through the component's chaos gate and under its deadline
+  (:meth:`chatd.chaos.Chaos.call`), so nothing waits forever;
+* mapping asyncpg/redis/OS errors to :class:`~chatd.errors.StoreUnavailable`,
   :class:`~chatd.errors.BusUnavailable` or :class:`~chatd.errors.StoreError`.
 
-Callers pass an asyncio-side coroutine function that does a whole batch of
-work; one crossing costs ~36 us, so hot loops stay on the asyncio side.
+Callers pass a coroutine function that does a whole batch of work: one
+crossing costs ~36 us, so hot loops stay on the asyncio side.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -28,7 +27,7 @@ import trio_asyncio
 from chatd.chaos import Chaos
 from chatd.errors import BusUnavailable, StoreError, StoreUnavailable, Unavailable
 
-log = logging.getLogger("chatd.gateway")
+log = logging.getLogger("chatd.bridge")
 
 T = TypeVar("T")
 
@@ -39,7 +38,7 @@ _TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "57", "40", "58")
 _TRANSIENT_SQLSTATES = ("55P03", "55006")  # lock_not_available, object_in_use
 
 
-def _map_error(exc: Exception, components: tuple[str, ...]) -> Exception | None:
+def _map_error(exc: Exception, component: str) -> Exception | None:
     """Translate a driver exception into chatd's own; None if it is not a driver error."""
     if isinstance(exc, Unavailable | StoreError):
         return exc
@@ -53,8 +52,8 @@ def _map_error(exc: Exception, components: tuple[str, ...]) -> Exception | None:
     if isinstance(exc, redis.exceptions.RedisError):
         return BusUnavailable(f"redis: {type(exc).__name__}: {exc}")
     if isinstance(exc, OSError | asyncio.TimeoutError | EOFError):
-        cls = BusUnavailable if components[0] == "redis" else StoreUnavailable
-        return cls(f"{components[0]}: {type(exc).__name__}: {exc}")
+        cls = BusUnavailable if component == "redis" else StoreUnavailable
+        return cls(f"{component}: {type(exc).__name__}: {exc}")
     return None
 
 
@@ -75,12 +74,21 @@ async def _detached(fn: Callable[..., Awaitable[T]], args: tuple[Any, ...]) -> T
 
 
 def _consume_result(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
+    if task.cancelled():
+        return
+    if task.exception() is not None:
         log.debug("abandoned call ended with %r", task.exception())
+        return
+    # A result that holds a resource (a claim's open transaction) and that
+    # nobody will receive any more is released.
+    result = task.result()
+    abandon = getattr(result, "abandon", None)
+    if abandon is not None:
+        asyncio.ensure_future(abandon()).add_done_callback(_consume_result)
 
 
-class Gateway:
-    """Runs asyncio-side coroutine functions from Trio with deadlines and chaos gates."""
+class Bridge:
+    """Runs asyncio-side coroutine functions from Trio, gated and with deadlines."""
 
     def __init__(
         self, loop: Any, chaos: Chaos, *, postgres_timeout: float, redis_timeout: float
@@ -90,78 +98,49 @@ class Gateway:
         self._loop = loop
         self.chaos = chaos
         self._timeouts = {"postgres": postgres_timeout, "redis": redis_timeout}
-        #: Calls and failures per component, for the status op.
-        self.calls: Counter[str] = Counter()
-        self.failures: Counter[str] = Counter()
-        self.last_error: dict[str, str] = {}
 
     async def postgres(
         self, fn: Callable[..., Awaitable[T]], *args: Any, deadline: float | None = None
     ) -> T:
         """Run ``fn(*args)`` on the asyncio side as a Postgres call."""
-        return await self._call(("postgres",), fn, args, deadline)
+        return await self._call("postgres", fn, args, deadline)
 
     async def redis(
         self, fn: Callable[..., Awaitable[T]], *args: Any, deadline: float | None = None
     ) -> T:
         """Run ``fn(*args)`` on the asyncio side as a Redis call."""
-        return await self._call(("redis",), fn, args, deadline)
-
-    async def postgres_and_redis(
-        self, fn: Callable[..., Awaitable[T]], *args: Any, deadline: float | None = None
-    ) -> T:
-        """Run a call that touches both (the relay's claim-publish-delete batch)."""
-        return await self._call(("postgres", "redis"), fn, args, deadline)
+        return await self._call("redis", fn, args, deadline)
 
     async def _call(
         self,
-        components: tuple[str, ...],
+        component: str,
         fn: Callable[..., Awaitable[T]],
         args: tuple[Any, ...],
         deadline: float | None,
     ) -> T:
-        if deadline is None:
-            deadline = max(self._timeouts[c] for c in components)
-        for component in components:
-            self.calls[component] += 1
+        cross = trio_asyncio.aio_as_trio(_detached, loop=self._loop)
         try:
-            delays = [(c, self.chaos.check(c)) for c in components]
-            with trio.fail_after(deadline):
-                for component, delay in delays:
-                    if delay:
-                        # Chaos latency mode: slow, still under the call's deadline.
-                        await trio.sleep(delay)
-                        self.chaos.check_after_delay(component)
-                return await trio_asyncio.aio_as_trio(_detached, loop=self._loop)(fn, args)
-        except trio.TooSlowError:
-            cls = StoreUnavailable if components[0] == "postgres" else BusUnavailable
-            err: Exception = cls(f"{'+'.join(components)}: no answer within {deadline:g}s")
-            self._record(err)
-            raise err from None
+            return await self.chaos.call(
+                (component,),
+                self._timeouts[component] if deadline is None else deadline,
+                lambda: cross(fn, args),
+            )
         except Exception as exc:
-            mapped = _map_error(exc, components)
-            if mapped is None:
-                raise
-            self._record(mapped)
-            if mapped is exc:
+            mapped = _map_error(exc, component)
+            if mapped is None or mapped is exc:
                 raise
             raise mapped from exc
 
-    def _record(self, err: Exception) -> None:
-        component = getattr(err, "component", "postgres")
-        self.failures[component] += 1
-        self.last_error[component] = str(err)
-
 
 @asynccontextmanager
-async def open_gateway(
+async def open_bridge(
     chaos: Chaos, *, postgres_timeout: float, redis_timeout: float
-) -> AsyncIterator[Gateway]:
-    """Open the asyncio bridge (a trio-asyncio loop) for the lifetime of the server."""
+) -> AsyncIterator[Bridge]:
+    """Open the asyncio loop (trio-asyncio) for the lifetime of the server."""
     async with trio_asyncio.open_loop() as loop:
         loop.set_exception_handler(_log_stray_error)
         _run_ready_callbacks_together(loop)
-        yield Gateway(loop, chaos, postgres_timeout=postgres_timeout, redis_timeout=redis_timeout)
+        yield Bridge(loop, chaos, postgres_timeout=postgres_timeout, redis_timeout=redis_timeout)
 
 
 #: At most this many asyncio callbacks run per Trio scheduler pass.
@@ -177,7 +156,9 @@ def _run_ready_callbacks_together(loop: Any) -> None:
     (about nine epoll_waits per message, measured with strace). asyncio's own
     loop runs all ready callbacks at once. Each extra callback here is exactly
     one step of trio-asyncio's own (``no_wait``) path, in queue order, so
-    ``stop()`` and the shutdown drain behave as before.
+    ``stop()`` and the shutdown drain behave as before. This replaces a
+    private method of trio-asyncio (pinned <0.17 in pyproject.toml);
+    ``tests/test_bridge.py`` fails if it stops working.
     """
     one_step = type(loop)._main_loop_one
 
@@ -199,7 +180,7 @@ def _log_stray_error(loop: Any, context: dict[str, Any]) -> None:
 
     trio-asyncio's default handler re-raises it into the loop's nursery, which
     would stop chatd. Every call's own outcome reaches its caller through the
-    gateway; what ends up here is driver cleanup nobody awaits any more (e.g.
+    bridge; what ends up here is driver cleanup nobody awaits any more (e.g.
     asyncpg resetting a connection on release after its call was abandoned
     at the deadline while Postgres hung).
     """

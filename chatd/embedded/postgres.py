@@ -1,9 +1,4 @@
-"""Embedded PostgreSQL and Redis as child processes under a data directory.
-
-``chatd serve`` with no DSNs uses these; the test suite uses them too, so it
-owns real servers it can kill, pause and restart. Both listen on 127.0.0.1 on
-a free port with a generated password kept in the data directory (mode 0600),
-so other local users cannot read or write the conversations.
+"""An embedded PostgreSQL cluster under a data directory, run as a child process.
 
 PostgreSQL refuses to run as root: when chatd runs as root the cluster runs as
 an unprivileged user (``[embedded].pg_user``, else ``postgres``, else ``nobody``).
@@ -18,15 +13,13 @@ import pwd
 import secrets
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import time
 from pathlib import Path
-from types import TracebackType
 from urllib.parse import quote
 
-from chatd.config import Config
+from chatd.embedded.processes import _children, _tail, _wait, free_port
 from chatd.errors import ServiceStartError
 
 log = logging.getLogger("chatd.embedded")
@@ -36,17 +29,6 @@ _PG_INSTALL_HINT = (
     "install the PostgreSQL server (Debian/Ubuntu: apt-get install postgresql) "
     "or set [embedded].pg_bin_dir, or configure [postgres].dsn to use an existing server"
 )
-_REDIS_INSTALL_HINT = (
-    "install the Redis server (Debian/Ubuntu: apt-get install redis-server) "
-    "or set [embedded].redis_server, or configure [redis].url to use an existing server"
-)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def find_pg_bin(configured: str = "") -> Path:
@@ -70,25 +52,6 @@ def find_pg_bin(configured: str = "") -> Path:
     where = configured or "PATH and /usr/lib/postgresql/*/bin"
     raise ServiceStartError(
         f"PostgreSQL server binaries ({', '.join(_PG_TOOLS)}) not found in {where}: {_PG_INSTALL_HINT}"
-    )
-
-
-def find_redis_server(configured: str = "") -> Path:
-    """The redis-server binary; raises with an install hint."""
-    candidates = (
-        [configured]
-        if configured
-        else [
-            shutil.which("redis-server") or "",
-            "/usr/bin/redis-server",
-            "/usr/local/bin/redis-server",
-        ]
-    )
-    for c in candidates:
-        if c and Path(c).is_file() and os.access(c, os.X_OK):
-            return Path(c)
-    raise ServiceStartError(
-        f"redis-server not found ({configured or 'PATH, /usr/bin, /usr/local/bin'}): {_REDIS_INSTALL_HINT}"
     )
 
 
@@ -118,29 +81,6 @@ def _check_reachable(path: Path, user: pwd.struct_passwd) -> None:
             )
 
 
-def _children(ppid: int) -> list[int]:
-    """Direct children of ``ppid``, from /proc."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == ppid:
-            out.append(int(entry.name))
-    return out
-
-
-def _wait(proc: subprocess.Popen[bytes], timeout: float) -> None:
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
-
-
 class PostgresServer:
     """A PostgreSQL cluster in ``data_dir`` run as a child process."""
 
@@ -167,7 +107,12 @@ class PostgresServer:
 
     @property
     def dsn(self) -> str:
-        return f"postgresql://chatd:{quote(self.password, safe='')}@127.0.0.1:{self.port}/chatd"
+        return self.dsn_for("chatd")
+
+    def dsn_for(self, database: str) -> str:
+        return (
+            f"postgresql://chatd:{quote(self.password, safe='')}@127.0.0.1:{self.port}/{database}"
+        )
 
     def _popen_kwargs(self) -> dict[str, object]:
         if self.run_as is None:
@@ -290,9 +235,12 @@ class PostgresServer:
                     f"postgres did not become ready within {self.start_timeout}s; see {log_path}"
                 )
             time.sleep(0.05)
-        self._ensure_database()
+        self.ensure_database("chatd")
 
-    def _ensure_database(self) -> None:
+    def ensure_database(self, name: str) -> None:
+        """Create database ``name`` (a plain identifier) unless it exists."""
+        if not name.replace("_", "").isalnum():
+            raise ValueError(f"not a plain database name: {name!r}")
         env = {**os.environ, "PGPASSWORD": self.password}
         psql = self.bin_dir / "psql"
         if not psql.is_file():
@@ -310,7 +258,7 @@ class PostgresServer:
             "-tAc",
         ]
         exists = subprocess.run(
-            [*base, "SELECT 1 FROM pg_database WHERE datname = 'chatd'"],
+            [*base, f"SELECT 1 FROM pg_database WHERE datname = '{name}'"],
             capture_output=True,
             env=env,
             timeout=30,
@@ -321,11 +269,11 @@ class PostgresServer:
             )
         if exists.stdout.strip() != b"1":
             created = subprocess.run(
-                [*base, "CREATE DATABASE chatd"], capture_output=True, env=env, timeout=30
+                [*base, f"CREATE DATABASE {name}"], capture_output=True, env=env, timeout=30
             )
             if created.returncode != 0:
                 raise ServiceStartError(
-                    f"cannot create database chatd: {created.stderr.decode(errors='replace')}"
+                    f"cannot create database {name}: {created.stderr.decode(errors='replace')}"
                 )
 
     def stop(self, mode: str = "fast", timeout: float = 30.0) -> None:
@@ -356,144 +304,3 @@ class PostgresServer:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
-
-
-class RedisServer:
-    """A Redis with no persistence (it holds no truth) run as a child process."""
-
-    def __init__(self, data_dir: Path, *, binary: Path, start_timeout: float = 10.0) -> None:
-        self.data_dir = data_dir.resolve() / "redis"
-        self.binary = binary
-        self.start_timeout = start_timeout
-        self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._password = secrets.token_urlsafe(24)
-
-    @property
-    def url(self) -> str:
-        return f"redis://:{quote(self._password, safe='')}@127.0.0.1:{self.port}/0"
-
-    def start(self, port: int | None = None) -> None:
-        """Start (fresh and empty every time); ``port`` reuses a previous port."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.port = port or free_port()
-        conf = self.data_dir / "redis.conf"
-        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(
-                f'port {self.port}\nbind 127.0.0.1\nsave ""\nappendonly no\n'
-                f"dir {self.data_dir}\nlogfile {self.data_dir / 'redis.log'}\n"
-                f"requirepass {self._password}\ndaemonize no\n"
-            )
-        self.proc = subprocess.Popen(
-            [str(self.binary), str(conf)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + self.start_timeout
-        while not self._ping():
-            if self.proc.poll() is not None:
-                raise ServiceStartError(
-                    f"redis-server exited at start (code {self.proc.returncode}); see {self.data_dir / 'redis.log'}"
-                )
-            if time.monotonic() > deadline:
-                self.kill()
-                raise ServiceStartError(f"redis-server did not answer within {self.start_timeout}s")
-            time.sleep(0.02)
-
-    def _ping(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-                s.sendall(f"AUTH {self._password}\r\nPING\r\n".encode())
-                data = b""
-                while data.count(b"\r\n") < 2:
-                    chunk = s.recv(256)
-                    if not chunk:
-                        return False
-                    data += chunk
-                return b"+PONG" in data
-        except OSError:
-            return False
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            self.proc = None
-            return
-        self.resume()
-        self.proc.terminate()
-        _wait(self.proc, timeout)
-        self.proc = None
-
-    def kill(self) -> None:
-        """SIGKILL: Redis and everything in it is gone."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
-        self.proc = None
-
-    def pause(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
-class EmbeddedServices:
-    """Context manager: start what the config lacks a DSN for; yields the completed config."""
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self.postgres: PostgresServer | None = None
-        self.redis: RedisServer | None = None
-
-    def __enter__(self) -> Config:
-        cfg = self.config
-        data_dir = Path(cfg.embedded.data_dir)
-        try:
-            if not cfg.postgres.dsn:
-                self.postgres = PostgresServer(
-                    data_dir,
-                    bin_dir=find_pg_bin(cfg.embedded.pg_bin_dir),
-                    run_as=_pg_run_user(cfg.embedded.pg_user),
-                    start_timeout=cfg.embedded.start_timeout,
-                )
-                self.postgres.start()
-                log.info(
-                    "embedded PostgreSQL on 127.0.0.1:%d (data in %s)",
-                    self.postgres.port,
-                    self.postgres.pgdata,
-                )
-            if not cfg.redis.url:
-                self.redis = RedisServer(
-                    data_dir, binary=find_redis_server(cfg.embedded.redis_server)
-                )
-                self.redis.start()
-                log.info("embedded Redis on 127.0.0.1:%d", self.redis.port)
-        except BaseException:
-            self._stop()
-            raise
-        return cfg.with_dsns(
-            postgres=self.postgres.dsn if self.postgres else None,
-            redis=self.redis.url if self.redis else None,
-        )
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._stop()
-
-    def _stop(self) -> None:
-        if self.redis is not None:
-            self.redis.stop()
-        if self.postgres is not None:
-            self.postgres.stop("fast")

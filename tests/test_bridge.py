@@ -6,17 +6,17 @@ import asyncio
 
 import trio
 
+from chatd.adapters.bridge import _READY_BURST, open_bridge
 from chatd.chaos import Chaos
-from chatd.gateway import _READY_BURST, open_gateway
 
 
-def _gateway():
-    return open_gateway(Chaos(), postgres_timeout=2.0, redis_timeout=2.0)
+def _bridge():
+    return open_bridge(Chaos(), postgres_timeout=2.0, redis_timeout=2.0)
 
 
 async def test_ready_callbacks_run_together_not_one_per_scheduler_pass():
-    async with _gateway() as gw:
-        loop = gw._loop
+    async with _bridge() as bridge:
+        loop = bridge._loop
         ran: list[int] = []
         for i in range(50):
             loop.call_soon(ran.append, i)
@@ -29,9 +29,9 @@ async def test_ready_callbacks_run_together_not_one_per_scheduler_pass():
 async def test_callbacks_queued_before_exit_all_run_and_the_loop_stops():
     ran: list[int] = []
     with trio.fail_after(10):
-        async with _gateway() as gw:
+        async with _bridge() as bridge:
             for i in range(3 * _READY_BURST):
-                gw._loop.call_soon(ran.append, i)
+                bridge._loop.call_soon(ran.append, i)
     assert ran == list(range(3 * _READY_BURST))
 
 
@@ -41,12 +41,12 @@ async def test_calls_cross_with_timers_and_tasks():
         done = await asyncio.gather(*(asyncio.sleep(0, result=i) for i in range(n)))
         return sum(done)
 
-    async with _gateway() as gw:
+    async with _bridge() as bridge:
         async with trio.open_nursery() as nursery:
             results: list[int] = []
 
             async def one() -> None:
-                results.append(await gw.redis(_aio, 20))
+                results.append(await bridge.redis(_aio, 20))
 
             for _ in range(10):
                 nursery.start_soon(one)

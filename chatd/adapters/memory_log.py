@@ -1,0 +1,265 @@
+"""The :class:`~chatd.ports.Log` in memory: Postgres's twin for fast tests.
+
+:class:`MemoryDatabase` is the server (shared by every "process" of a test);
+:class:`MemoryLog` is one process's handle on it, with its own LISTEN flag. The
+semantics are those of migrations 0003/0004, kept honest by the contract
+tests in ``tests/test_contract_log.py``, which run against both: per-
+conversation gapless seqs, duplicates within and across batches, outbox ids
+in (conversation, seq) order, SKIP LOCKED between commits and sweeps, U+0000
+and check constraints refused for the whole batch.
+
+Every call goes through the chaos gate and a deadline, and yields once, as a
+round trip does. Time is Trio's clock (a mock clock makes runs reproducible).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from chatd.chaos import Chaos
+from chatd.errors import StoreError
+from chatd.records import (
+    Committed,
+    NewMessage,
+    OutboxEvent,
+    Snapshot,
+    event_template,
+    message,
+)
+
+_ROLES = ("user", "assistant", "system")
+_STATUSES = ("complete", "stopped")
+
+
+@dataclass
+class _Conversation:
+    head: int = 0
+    #: messages[seq - 1] is the message with that seq, as on the wire.
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    by_client: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _OutboxRow:
+    id: int
+    conv: str
+    seq: int
+    payload: str
+    created_at: float
+
+
+class MemoryDatabase:
+    """The shared state: conversations, messages, the outbox, the listeners."""
+
+    def __init__(self) -> None:
+        self.convs: dict[str, _Conversation] = {}
+        self.outbox: dict[int, _OutboxRow] = {}
+        self.claimed: set[int] = set()
+        self.next_outbox_id = 1
+        self.listeners: list[MemoryLog] = []
+
+    def now_ms(self) -> int:
+        # Commit timestamps on Trio's clock: reproducible under a mock clock.
+        return int(trio.current_time() * 1000)
+
+    def notify(self) -> None:
+        for listener in self.listeners:
+            listener._notified()
+
+
+def _check(msgs: Sequence[NewMessage]) -> None:
+    """What Postgres refuses for the whole statement (nothing is written)."""
+    for m in msgs:
+        for name in ("conv", "client_id", "user", "role", "status", "text"):
+            if "\x00" in getattr(m, name):
+                raise StoreError(
+                    "postgres: CharacterNotInRepertoireError (22021): "
+                    'invalid byte sequence for encoding "UTF8": 0x00'
+                )
+        if m.role not in _ROLES or m.status not in _STATUSES:
+            raise StoreError(
+                'postgres: CheckViolationError (23514): new row for relation "messages" '
+                "violates check constraint"
+            )
+
+
+class MemoryLog:
+    """One process's connection to a :class:`MemoryDatabase`."""
+
+    def __init__(self, db: MemoryDatabase, chaos: Chaos, *, timeout: float = 5.0) -> None:
+        self.db = db
+        self._chaos = chaos
+        self._timeout = timeout
+        self._pending_notify = False
+        self._notify_event = trio.Event()
+        db.listeners.append(self)
+
+    def close(self) -> None:
+        if self in self.db.listeners:
+            self.db.listeners.remove(self)
+
+    async def _call(self, fn: Any, *args: Any) -> Any:
+        async def round_trip() -> Any:
+            await trio.lowlevel.checkpoint()
+            return fn(*args)
+
+        return await self._chaos.call(("postgres",), self._timeout, round_trip)
+
+    # -- writes -----------------------------------------------------------
+
+    async def commit(
+        self, msgs: Sequence[NewMessage], published: Sequence[int], notify: bool
+    ) -> tuple[list[Committed], list[OutboxEvent]]:
+        return await self._call(self._commit, list(msgs), list(published), notify)
+
+    def _commit(
+        self, msgs: list[NewMessage], published: list[int], notify: bool
+    ) -> tuple[list[Committed], list[OutboxEvent]]:
+        db = self.db
+        _check(msgs)
+        for i in published:
+            if i not in db.claimed:  # SKIP LOCKED
+                db.outbox.pop(i, None)
+        if not msgs:
+            return [], []
+        now = db.now_ms()
+        fresh: dict[tuple[str, str], tuple[int, NewMessage, dict[str, Any]]] = {}
+        results: list[Committed] = []
+        for n, m in enumerate(msgs):
+            conv = db.convs.setdefault(m.conv, _Conversation())
+            # Stored before, or earlier in this batch: a duplicate of that one.
+            prior = conv.by_client.get(m.client_id)
+            if prior is not None:
+                stored = conv.messages[prior - 1]
+                results.append(Committed(m.conv, m.client_id, prior, True, dict(stored)))
+                continue
+            conv.head += 1
+            msg = message(conv.head, m.client_id, m.user, m.role, m.status, m.text, now)
+            conv.messages.append(msg)
+            conv.by_client[m.client_id] = conv.head
+            fresh[(m.conv, m.client_id)] = (n, m, msg)
+            results.append(Committed(m.conv, m.client_id, conv.head, False, dict(msg)))
+        # Outbox ids follow (conversation, seq), as the SQL's ordered INSERT assigns them.
+        by_n: dict[int, OutboxEvent] = {}
+        for n, m, msg in sorted(fresh.values(), key=lambda f: (f[1].conv, f[2]["seq"])):
+            head, mid = event_template(m)
+            payload = f"{head}{msg['seq']}{mid}{now}}}"
+            row = _OutboxRow(db.next_outbox_id, m.conv, msg["seq"], payload, trio.current_time())
+            db.next_outbox_id += 1
+            db.outbox[row.id] = row
+            by_n[n] = OutboxEvent(row.id, row.conv, row.payload)
+        if notify:
+            db.notify()
+        return results, [by_n[n] for n in sorted(by_n)]
+
+    # -- reads ------------------------------------------------------------
+
+    async def snapshots(
+        self,
+        conv: str,
+        afters: Sequence[int | None],
+        limit: int,
+        max_catchup: int,
+        streams: Sequence[str],
+    ) -> list[Snapshot]:
+        return await self._call(self._snapshots, conv, list(afters), limit, max_catchup, streams)
+
+    def _snapshots(
+        self,
+        conv_id: str,
+        afters: list[int | None],
+        limit: int,
+        max_catchup: int,
+        streams: Sequence[str],
+    ) -> list[Snapshot]:
+        conv = self.db.convs.get(conv_id, _Conversation())
+        done = frozenset(s for s in streams if s in conv.by_client)
+        out = []
+        for after in afters:
+            if after is not None and conv.head - after <= max_catchup:
+                msgs = conv.messages[after:] if after >= 0 else list(conv.messages)
+                out.append(Snapshot([dict(m) for m in msgs], conv.head, True, done))
+            else:
+                latest = conv.messages[-limit:] if limit > 0 else []
+                out.append(Snapshot([dict(m) for m in latest], conv.head, after is None, done))
+        return out
+
+    async def after(self, conv: str, after: int, limit: int) -> list[dict[str, Any]]:
+        return await self._call(self._after, conv, after, limit)
+
+    def _after(self, conv_id: str, after: int, limit: int) -> list[dict[str, Any]]:
+        conv = self.db.convs.get(conv_id)
+        if conv is None:
+            return []
+        return [dict(m) for m in conv.messages[max(after, 0) : max(after, 0) + limit]]
+
+    async def history(self, conv: str, before: int | None, limit: int) -> list[dict[str, Any]]:
+        return await self._call(self._history, conv, before, limit)
+
+    def _history(self, conv_id: str, before: int | None, limit: int) -> list[dict[str, Any]]:
+        conv = self.db.convs.get(conv_id)
+        if conv is None:
+            return []
+        end = len(conv.messages) if before is None else max(0, min(before - 1, len(conv.messages)))
+        return [dict(m) for m in conv.messages[max(0, end - limit) : end]]
+
+    # -- the outbox ---------------------------------------------------------
+
+    @asynccontextmanager
+    async def claim_outbox(self, limit: int, min_age: float) -> AsyncIterator[list[OutboxEvent]]:
+        ids = await self._call(self._claim, limit, min_age)
+        try:
+            yield [
+                OutboxEvent(r.id, r.conv, r.payload) for r in map(self.db.outbox.__getitem__, ids)
+            ]
+        except BaseException:
+            self.db.claimed.difference_update(ids)  # rolled back: the rows stay
+            raise
+        try:
+            await self._call(self._delete_claimed, ids)
+        finally:
+            self.db.claimed.difference_update(ids)
+
+    def _claim(self, limit: int, min_age: float) -> list[int]:
+        cutoff = trio.current_time() - min_age
+        ids = [
+            r.id
+            for r in self.db.outbox.values()
+            if r.id not in self.db.claimed and r.created_at <= cutoff
+        ]
+        ids = sorted(ids)[:limit]
+        self.db.claimed.update(ids)
+        return ids
+
+    def _delete_claimed(self, ids: list[int]) -> None:
+        for i in ids:
+            self.db.outbox.pop(i, None)
+
+    async def notify_relays(self) -> None:
+        await self._call(self.db.notify)
+
+    async def wait_for_notify(self) -> None:
+        while not self._pending_notify:
+            await self._notify_event.wait()
+        self._pending_notify = False
+
+    def _notified(self) -> None:
+        self._pending_notify = True
+        self._notify_event.set()
+        self._notify_event = trio.Event()
+
+    async def vacuum_outbox(self) -> None:
+        await self._call(lambda: None)
+
+    async def stats(self) -> dict[str, Any]:
+        return await self._call(self._stats)
+
+    def _stats(self) -> dict[str, Any]:
+        oldest = min((r.created_at for r in self.db.outbox.values()), default=None)
+        age = 0.0 if oldest is None else trio.current_time() - oldest
+        return {"outbox_rows": len(self.db.outbox), "outbox_oldest_s": round(age, 3)}

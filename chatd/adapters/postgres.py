@@ -1,0 +1,402 @@
+"""The :class:`~chatd.ports.Log` on PostgreSQL (asyncpg, through the bridge).
+
+Round trips: a group commit is one call of the ``chatd_commit()`` SQL function
+(migration 0004); snapshots for every client joining a conversation together
+are one call of ``chatd_snapshot()`` (0003); a sweep claims, then commits or
+rolls back: two. Functions prefixed ``_aio_`` run on the asyncio side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import trio
+
+from chatd.adapters import schema
+from chatd.adapters.bridge import Bridge
+from chatd.backoff import Backoff
+from chatd.config import PostgresConfig
+from chatd.errors import StoreUnavailable
+from chatd.records import (
+    Committed,
+    NewMessage,
+    OutboxEvent,
+    Snapshot,
+    event_template,
+    message,
+)
+from chatd.shutdown import ShutdownClock
+
+log = logging.getLogger("chatd.postgres")
+
+NOTIFY_CHANNEL = "chatd_outbox"
+_COLUMNS = "seq, client_id, user_id, role, status, body, created_at"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+
+
+def _millis(t: datetime) -> int:
+    # Exact (no float rounding), so it matches the commit function's floor(epoch * 1000).
+    return (t - _EPOCH) // _MS
+
+
+def message_dict(row: asyncpg.Record | dict[str, Any]) -> dict[str, Any]:
+    """A stored row as a wire message."""
+    return message(
+        row["seq"],
+        row["client_id"],
+        row["user_id"],
+        row["role"],
+        row["status"],
+        row["body"],
+        _millis(row["created_at"]),
+    )
+
+
+async def _aio_create_pool(cfg: PostgresConfig) -> asyncpg.Pool:
+    return await asyncpg.create_pool(
+        cfg.dsn,
+        min_size=cfg.pool_min,
+        max_size=cfg.pool_max,
+        timeout=cfg.connect_timeout,
+        command_timeout=cfg.command_timeout,
+        # Idle connections are recycled so a restarted server is rediscovered quickly.
+        max_inactive_connection_lifetime=60.0,
+        reset=_keep_session,
+    )
+
+
+async def _keep_session(con: asyncpg.Connection) -> None:
+    """Release a connection as it is (asyncpg still rolls back an open transaction).
+
+    asyncpg's default reset (unlock advisory locks, CLOSE ALL, UNLISTEN *,
+    RESET ALL) is a round trip on every release: as costly as the work itself
+    for a one-statement commit. chatd never changes session state on pool
+    connections (LISTEN uses its own connection; the migration lock is
+    released in a ``finally``).
+    """
+
+
+async def _aio_commit(
+    pool: asyncpg.Pool, msgs: Sequence[NewMessage], published: Sequence[int], notify: bool
+) -> tuple[list[Committed], list[OutboxEvent]]:
+    templates = [event_template(m) for m in msgs]
+    rows = await pool.fetch(
+        "SELECT * FROM chatd_commit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        [m.conv for m in msgs],
+        [m.client_id for m in msgs],
+        [m.user for m in msgs],
+        [m.role for m in msgs],
+        [m.status for m in msgs],
+        [m.text for m in msgs],
+        [t[0] for t in templates],
+        [t[1] for t in templates],
+        list(published),
+        notify,
+    )
+    results = []
+    events = []
+    for m, r in zip(msgs, rows, strict=True):
+        msg = message(
+            r["seq"],
+            m.client_id,
+            r["user_id"],
+            r["role"],
+            r["status"],
+            r["body"],
+            _millis(r["created_at"]),
+        )
+        results.append(Committed(m.conv, m.client_id, r["seq"], r["duplicate"], msg))
+        if r["outbox_id"] is not None:
+            events.append(OutboxEvent(r["outbox_id"], m.conv, r["payload"]))
+    return results, events
+
+
+async def _aio_snapshots(
+    pool: asyncpg.Pool,
+    conv: str,
+    afters: Sequence[int | None],
+    limit: int,
+    max_catchup: int,
+    streams: Sequence[str],
+) -> list[Snapshot]:
+    # One round trip for several clients joining at once, all on one database snapshot.
+    rows = await pool.fetch(
+        "SELECT a.n, s.* FROM unnest($2::bigint[]) WITH ORDINALITY AS a(after, n), "
+        "LATERAL chatd_snapshot($1, a.after, $3, $4, $5) AS s ORDER BY a.n, s.seq",
+        conv,
+        list(afters),
+        limit,
+        max_catchup,
+        list(streams),
+    )
+    by_join: list[list[asyncpg.Record]] = [[] for _ in afters]
+    for r in rows:
+        by_join[r["n"] - 1].append(r)
+    out = []
+    for group in by_join:
+        first = group[0]
+        messages = [message_dict(r) for r in group if r["seq"] is not None]
+        out.append(
+            Snapshot(
+                messages, first["head"], first["recovered"], frozenset(first["committed_streams"])
+            )
+        )
+    return out
+
+
+async def _aio_after(pool: asyncpg.Pool, conv: str, after: int, limit: int) -> list[dict[str, Any]]:
+    rows = await pool.fetch(
+        f"SELECT {_COLUMNS} FROM messages WHERE conv_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+        conv,
+        after,
+        limit,
+    )
+    return [message_dict(r) for r in rows]
+
+
+async def _aio_history(
+    pool: asyncpg.Pool, conv: str, before: int | None, limit: int
+) -> list[dict[str, Any]]:
+    rows = await pool.fetch(
+        f"SELECT {_COLUMNS} FROM messages WHERE conv_id = $1 AND seq < $2 "
+        "ORDER BY seq DESC LIMIT $3",
+        conv,
+        before if before is not None else 2**62,
+        limit,
+    )
+    return [message_dict(r) for r in reversed(rows)]
+
+
+async def _aio_stats(pool: asyncpg.Pool) -> dict[str, Any]:
+    row = await pool.fetchrow(
+        "SELECT count(*) AS outbox, "
+        "coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest "
+        "FROM outbox"
+    )
+    return {"outbox_rows": row["outbox"], "outbox_oldest_s": round(row["oldest"], 3)}
+
+
+async def _aio_notify(pool: asyncpg.Pool) -> None:
+    await pool.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
+
+
+async def _aio_vacuum(pool: asyncpg.Pool) -> None:
+    # SKIP_LOCKED: another process's relay vacuuming it right now is as good.
+    await pool.execute("VACUUM (SKIP_LOCKED) outbox")
+
+
+# -- the sweep's claim: a transaction held across two crossings ---------------
+
+
+@dataclass
+class _Claim:
+    """Claimed outbox rows: deleted in a transaction still open (``con`` None: no rows)."""
+
+    events: list[OutboxEvent]
+    pool: asyncpg.Pool
+    con: asyncpg.Connection | None = None
+    tr: Any = None
+
+    async def finish(self, commit: bool) -> None:
+        assert self.con is not None
+        try:
+            if commit:
+                await self.tr.commit()
+            else:
+                await self.tr.rollback()
+        except BaseException:
+            self.con.terminate()  # the transaction dies with the connection
+            raise
+        finally:
+            await self.pool.release(self.con)
+
+    async def abandon(self) -> None:
+        """Nobody will finish this claim (its caller gave up): give the rows back."""
+        if self.con is not None:
+            self.con.terminate()
+            await self.pool.release(self.con)
+
+
+async def _aio_claim(pool: asyncpg.Pool, limit: int, min_age: float) -> _Claim:
+    con = await pool.acquire()
+    try:
+        tr = con.transaction()
+        await tr.start()
+        # Losing this commit in a crash only republishes the rows: no need to wait
+        # for the WAL flush.
+        await con.execute("SET LOCAL synchronous_commit = off")
+        rows = await con.fetch(
+            "DELETE FROM outbox WHERE id IN "
+            "(SELECT id FROM outbox "
+            "WHERE created_at <= statement_timestamp() - make_interval(secs => $2) "
+            "ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) "
+            "RETURNING id, conv_id, payload",
+            limit,
+            min_age,
+        )
+        if not rows:
+            await tr.commit()
+            await pool.release(con)
+            return _Claim([], pool)
+    except BaseException:
+        con.terminate()
+        await pool.release(con)
+        raise
+    events = sorted(
+        (OutboxEvent(r["id"], r["conv_id"], r["payload"]) for r in rows), key=lambda e: e.id
+    )
+    return _Claim(events, pool, con, tr)
+
+
+# -- LISTEN: a connection of its own ----------------------------------------------
+
+
+class _Listener:
+    """A dedicated LISTEN connection; its callback sets an asyncio event (asyncio side)."""
+
+    def __init__(self) -> None:
+        self.con: asyncpg.Connection | None = None
+        self.event: asyncio.Event | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.con is not None and not self.con.is_closed()
+
+    async def aio_connect(self, dsn: str, connect_timeout: float) -> None:
+        self.event = asyncio.Event()
+        con = await asyncpg.connect(dsn, timeout=connect_timeout)
+        event = self.event
+        await con.add_listener(NOTIFY_CHANNEL, lambda *_: event.set())
+        self.con = con
+
+    async def aio_wait(self) -> None:
+        assert self.event is not None
+        await self.event.wait()
+        self.event.clear()
+
+    async def aio_close(self) -> None:
+        if self.con is not None:
+            con, self.con = self.con, None
+            await con.close(timeout=2.0)
+
+
+class PostgresLog:
+    """Postgres access for the engine. Every call crosses through the bridge."""
+
+    def __init__(self, bridge: Bridge, pool: asyncpg.Pool, cfg: PostgresConfig) -> None:
+        self.bridge = bridge
+        self.pool = pool
+        self._cfg = cfg
+        self._listener = _Listener()
+
+    async def commit(
+        self, msgs: Sequence[NewMessage], published: Sequence[int], notify: bool
+    ) -> tuple[list[Committed], list[OutboxEvent]]:
+        return await self.bridge.postgres(_aio_commit, self.pool, msgs, published, notify)
+
+    async def snapshots(
+        self,
+        conv: str,
+        afters: Sequence[int | None],
+        limit: int,
+        max_catchup: int,
+        streams: Sequence[str],
+    ) -> list[Snapshot]:
+        return await self.bridge.postgres(
+            _aio_snapshots, self.pool, conv, afters, limit, max_catchup, streams
+        )
+
+    async def after(self, conv: str, after: int, limit: int) -> list[dict[str, Any]]:
+        return await self.bridge.postgres(_aio_after, self.pool, conv, after, limit)
+
+    async def history(self, conv: str, before: int | None, limit: int) -> list[dict[str, Any]]:
+        return await self.bridge.postgres(_aio_history, self.pool, conv, before, limit)
+
+    @asynccontextmanager
+    async def claim_outbox(self, limit: int, min_age: float) -> AsyncIterator[list[OutboxEvent]]:
+        claim = await self.bridge.postgres(_aio_claim, self.pool, limit, min_age)
+        if claim.con is None:
+            yield []
+            return
+        try:
+            yield claim.events
+        except BaseException:
+            # Give the rows back, even when cancelled (bounded: a claim left open
+            # holds its rows until its connection goes).
+            with trio.move_on_after(self._cfg.command_timeout + 1.0, shield=True):
+                try:
+                    await self.bridge.postgres(claim.finish, False)
+                except StoreUnavailable as exc:
+                    log.debug("rolling back a claim failed (its connection goes): %s", exc)
+            raise
+        await self.bridge.postgres(claim.finish, True)
+
+    async def notify_relays(self) -> None:
+        await self.bridge.postgres(_aio_notify, self.pool)
+
+    async def wait_for_notify(self) -> None:
+        if not self._listener.alive:
+            await self.bridge.postgres(
+                self._listener.aio_connect, self._cfg.dsn, self._cfg.connect_timeout
+            )
+        # No deadline of its own: it is a wait, not a request (the caller bounds it).
+        await self.bridge.postgres(self._listener.aio_wait, deadline=math.inf)
+
+    async def vacuum_outbox(self) -> None:
+        await self.bridge.postgres(_aio_vacuum, self.pool)
+
+    async def stats(self) -> dict[str, Any]:
+        return await self.bridge.postgres(_aio_stats, self.pool)
+
+
+async def _connect_with_retry(bridge: Bridge, cfg: PostgresConfig) -> asyncpg.Pool:
+    # A server that is still starting (or briefly down) is waited for, within a bound.
+    deadline = trio.current_time() + max(cfg.connect_timeout, 1.0) * 3
+    backoff = Backoff(0.1, 1.0)
+    while True:
+        try:
+            return await bridge.postgres(_aio_create_pool, cfg, deadline=cfg.connect_timeout * 2)
+        except StoreUnavailable as exc:
+            delay = backoff.next()
+            if trio.current_time() + delay > deadline:
+                raise StoreUnavailable(f"cannot connect to Postgres: {exc.message}") from exc
+            await trio.sleep(delay)
+
+
+@asynccontextmanager
+async def open_postgres_log(
+    bridge: Bridge,
+    cfg: PostgresConfig,
+    *,
+    migrate: bool = True,
+    shutdown: ShutdownClock | None = None,
+) -> AsyncIterator[PostgresLog]:
+    """Open the pool (and apply migrations) for the lifetime of the server.
+
+    Closing (the LISTEN connection, then the pool) takes at most 5 s, and ends
+    by the shutdown's final deadline.
+    """
+    pool = await _connect_with_retry(bridge, cfg)
+    pglog = PostgresLog(bridge, pool, cfg)
+    try:
+        if migrate:
+            applied = await bridge.postgres(schema.apply, pool, deadline=60.0)
+            if applied:
+                log.info("applied migrations: %s", ", ".join(applied))
+        yield pglog
+    finally:
+        with (shutdown or ShutdownClock(5.0)).shield(5.0, "final"):
+            try:
+                await bridge.postgres(pglog._listener.aio_close, deadline=2.0)
+                await bridge.postgres(pool.close, deadline=3.0)
+            except StoreUnavailable as exc:
+                log.warning("Postgres pool did not close cleanly: %s", exc)

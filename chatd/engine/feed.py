@@ -1,0 +1,348 @@
+"""A feed: every local subscriber of one conversation, and the task that serves them.
+
+The hub routes each of the conversation's events into the feed's mailbox;
+the feed's task handles them strictly in order: joins (load the snapshot,
+then go live), live events, reply frames (:mod:`chatd.engine.feed_replies`)
+and resyncs. Each subscription keeps ``last``, the highest seq it has been
+sent; a live event is delivered only as ``last + 1``. The transport is at
+most once, so a jump in seq is a gap: the feed reads the missing messages
+from the log first. Every (re)subscription confirmed by the transport also
+triggers a resync, closing the window between "subscribed" and "live".
+
+Live events beyond ``_FEED_QUEUE`` waiting are not queued: the feed resyncs
+from the log instead (it has every message). Joins and leaves always queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import trio
+
+from chatd.backoff import Backoff
+from chatd.config import RetryConfig, StoreConfig
+from chatd.errors import Unavailable
+from chatd.ports import Log, Transport
+from chatd.protocol import encode, error_frame
+from chatd.records import InFlight, Snapshot, message_event
+
+log = logging.getLogger("chatd.feed")
+
+_FILL_PAGE = 500
+_FEED_QUEUE = 4096
+_FEED_BURST = 256
+
+
+class Subscriber(Protocol):
+    """What a feed needs from a client connection."""
+
+    id: int
+    user: str
+
+    def deliver(self, text: str) -> bool:
+        """Queue one frame without blocking; False if the client was dropped as too slow."""
+        ...
+
+    def subscription_failed(self, conv: str) -> None:
+        """The subscription could not be set up (an error frame was sent); forget it."""
+        ...
+
+
+@dataclass
+class Counters:
+    """What every feed of the process counts, for operators."""
+
+    gap_fills: int = 0
+    stream_fills: int = 0
+    resyncs: int = 0
+
+
+@dataclass
+class Sub:
+    client: Subscriber
+    last: int
+    #: Per in-flight reply, the offset this client has text up to; None once
+    #: the reply is over for it (the snapshot already held the committed message).
+    streams: dict[str, int | None] = field(default_factory=dict)
+
+
+@dataclass
+class Join:
+    client: Subscriber
+    after: int | None
+    ref: Any
+    #: Reply id -> offset the client already holds.
+    streams: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Leave:
+    client_id: int
+
+
+@dataclass
+class Event:
+    seq: int
+    text: str
+
+
+@dataclass
+class StreamFrame:
+    kind: str  # stream.start, delta, stream.end, stream.error
+    stream: str
+    offset: int
+    text: str
+    raw: str
+    #: stream.end only: the committed reply's seq and length (code points).
+    seq: int | None = None
+    length: int | None = None
+
+
+@dataclass
+class Ephemeral:
+    user: str | None
+    text: str
+
+
+class Resync:
+    pass
+
+
+class Feed:
+    """All local subscribers of one conversation; :meth:`run` is its task."""
+
+    def __init__(
+        self,
+        conv: str,
+        log: Log,
+        transport: Transport,
+        cfg: StoreConfig,
+        retry: RetryConfig,
+        counters: Counters,
+    ) -> None:
+        from chatd.engine.feed_replies import ReplyFrames
+
+        self.conv = conv
+        self.log = log
+        self.transport = transport
+        self._cfg = cfg
+        self._retry = retry
+        self.counters = counters
+        self.subs: dict[int, Sub] = {}
+        self.needs_resync = False
+        self._mailbox: deque[Any] = deque()
+        self._live = 0  # droppable items in the mailbox
+        self._wake = trio.Event()
+        self._closed = False
+        #: Set while the task waits with nothing to handle.
+        self._idle = trio.Event()
+        self.replies = ReplyFrames(self)
+
+    # -- the mailbox ------------------------------------------------------
+
+    def put(self, item: Any) -> None:
+        """Queue an item; never blocks. Live events past the bound become a resync."""
+        if self._closed:
+            return
+        if isinstance(item, Event | StreamFrame | Ephemeral):
+            if self._live >= _FEED_QUEUE:
+                # Never block the router on one busy feed: the log has every message.
+                self.needs_resync = True
+                self._wake.set()
+                return
+            self._live += 1
+        self._mailbox.append(item)
+        if self._idle.is_set():
+            self._idle = trio.Event()
+        self._wake.set()
+
+    async def wait_idle(self) -> None:
+        """Return once everything queued so far is handled."""
+        await self._idle.wait()
+
+    def close(self) -> None:
+        """No subscriber is left: the task ends once it has handled what is queued."""
+        self._closed = True
+        self._wake.set()
+
+    def drop(self, sub: Sub) -> None:
+        """The client was disconnected as too slow: it gets nothing more here."""
+        self.subs.pop(sub.client.id, None)
+
+    # -- the task ---------------------------------------------------------
+
+    async def run(self) -> None:
+        backoff = Backoff.of(self._retry)
+        while True:
+            if not self._mailbox:
+                if self._closed:
+                    return
+                self._idle.set()
+                # The retry timeout bounds only the wait, never the handling: a
+                # join cut short would leave its client without a snapshot.
+                with trio.move_on_after(backoff.next() if self.needs_resync else math.inf):
+                    await self._wake.wait()
+                self._wake = trio.Event()
+            if self._mailbox:
+                # Whatever queued meanwhile is handled without a scheduler
+                # round per item (a relay batch arrives all at once).
+                items = [
+                    self._mailbox.popleft() for _ in range(min(_FEED_BURST, len(self._mailbox)))
+                ]
+                self._live -= sum(
+                    1 for i in items if isinstance(i, Event | StreamFrame | Ephemeral)
+                )
+                await self._handle_all(items)
+            if self.needs_resync:
+                if await self._resync():
+                    backoff.reset()
+            else:
+                backoff.reset()
+
+    async def _handle_all(self, items: list[Any]) -> None:
+        """Handle items in order; consecutive joins share one snapshot round trip."""
+        joins: list[Join] = []
+        for item in items:
+            if isinstance(item, Join):
+                joins.append(item)
+                continue
+            if joins:
+                await self._on_joins(joins)
+                joins = []
+            await self._handle(item)
+        if joins:
+            await self._on_joins(joins)
+
+    async def _handle(self, item: Any) -> None:
+        if isinstance(item, StreamFrame):
+            await self.replies.on_frame(item)
+        elif isinstance(item, Event):
+            await self._on_event(item)
+        elif isinstance(item, Leave):
+            self.subs.pop(item.client_id, None)
+        elif isinstance(item, Ephemeral):
+            for sub in list(self.subs.values()):
+                if sub.client.user != item.user and not sub.client.deliver(item.text):
+                    self.drop(sub)
+        elif isinstance(item, Resync):
+            self.needs_resync = True
+
+    # -- joins ------------------------------------------------------------
+
+    async def _on_joins(self, joins: list[Join]) -> None:
+        # No waiting for the transport's subscription to go live: whatever commits
+        # between this snapshot and the subscription's confirmation is read
+        # from the log by the resync that the confirmation triggers.
+        # In-flight replies first, then the log: a reply that commits in between
+        # is reported as committed and dropped from the in-flight list.
+        try:
+            inflight = await self.transport.read_streams(self.conv)
+        except Unavailable as exc:
+            log.debug("no in-flight replies for %s: %s", self.conv, exc)
+            inflight = []
+        try:
+            # Replies a client says it holds part of count too: the transport may
+            # not have reported them, and a committed one is over for that client.
+            asked = {f.stream for f in inflight}.union(*(j.streams for j in joins))
+            snaps = await self.log.snapshots(
+                self.conv,
+                [j.after for j in joins],
+                self._cfg.snapshot_messages,
+                self._cfg.max_catchup,
+                sorted(asked),
+            )
+        except Unavailable as exc:
+            for join in joins:
+                frame = error_frame(
+                    "unavailable",
+                    f"cannot load conversation: {exc.message}",
+                    join.ref,
+                    retryable=True,
+                    conv=self.conv,
+                )
+                join.client.deliver(encode(frame))
+                join.client.subscription_failed(self.conv)
+            return
+        for join, snap in zip(joins, snaps, strict=True):
+            self._admit(join, snap, inflight)
+
+    def _admit(self, join: Join, snap: Snapshot, inflight: list[InFlight]) -> None:
+        """Send the snapshot and make the client a live subscriber."""
+        streams, have = self.replies.on_join(join, snap, inflight)
+        frame: dict[str, Any] = {
+            "type": "snapshot",
+            "conv": self.conv,
+            "messages": snap.messages,
+            "head": snap.head,
+            "recovered": snap.recovered,
+            "streams": streams,
+        }
+        if join.ref is not None:
+            frame["ref"] = join.ref
+        if join.client.deliver(encode(frame)):
+            self.subs[join.client.id] = Sub(join.client, snap.head, have)
+
+    # -- messages ---------------------------------------------------------
+
+    async def _on_event(self, ev: Event) -> None:
+        behind = [s for s in self.subs.values() if s.last < ev.seq]
+        if not behind:
+            return
+        low = min(s.last for s in behind)
+        batch: list[tuple[int, str]] = []
+        if low < ev.seq - 1:
+            try:
+                missing = await self._read_range(low, ev.seq - 1)
+            except Unavailable as exc:
+                log.warning("gap fill for %s failed, will resync: %s", self.conv, exc)
+                self.needs_resync = True
+                return
+            self.counters.gap_fills += 1
+            batch = [(m["seq"], encode(message_event(self.conv, m))) for m in missing]
+        batch.append((ev.seq, ev.text))
+        self._deliver(behind, batch)
+
+    async def _read_range(self, after: int, upto: int) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        while after < upto:
+            page = await self.log.after(self.conv, after, min(_FILL_PAGE, upto - after))
+            if not page:
+                break
+            out.extend(page)
+            after = page[-1]["seq"]
+        return out
+
+    def _deliver(self, subs: list[Sub], batch: list[tuple[int, str]]) -> None:
+        for sub in subs:
+            for seq, text in batch:
+                if seq == sub.last + 1:
+                    if not sub.client.deliver(text):
+                        self.drop(sub)
+                        break
+                    sub.last = seq
+
+    async def _resync(self) -> bool:
+        """Deliver everything committed beyond each subscriber's cursor; False if it failed."""
+        self.needs_resync = False
+        self.counters.resyncs += 1
+        while self.subs:
+            low = min(s.last for s in self.subs.values())
+            try:
+                page = await self.log.after(self.conv, low, _FILL_PAGE)
+            except Unavailable as exc:
+                log.warning("resync of %s failed, retrying: %s", self.conv, exc)
+                self.needs_resync = True
+                return False
+            if not page:
+                return True
+            self._deliver(
+                list(self.subs.values()),
+                [(m["seq"], encode(message_event(self.conv, m))) for m in page],
+            )
+            if len(page) < _FILL_PAGE:
+                return True
+        return True

@@ -1,0 +1,344 @@
+"""One client's session: three tasks over one :class:`~chatd.ports.Connection`.
+
+* The **reader** parses frames and runs each op (:mod:`chatd.engine.ops`). It
+  never waits on other clients: a send is submitted to the group committer,
+  a subscribe is a request to the hub.
+* The **acker** receives the outcome of every send this session submitted
+  (the committer sends it to the session's own channel) and answers it, in
+  submission order; it also starts the requested replies.
+* The **writer** sends queued frames, many per socket write. The queue is
+  bounded in frames and bytes: a client that lets it fill is closed with 4008.
+
+Shutdown: :meth:`Session.stop_reading`, then (once every send is answered
+and the replies have ended) :meth:`Session.close`, which flushes the queue
+and closes with 1001. When the session is cancelled instead, its sends are
+still answered and the close still sent, within the shutdown's deadline.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from chatd.config import ServerConfig
+from chatd.errors import Unavailable
+from chatd.ports import Connection, ConnectionGone
+from chatd.protocol import (
+    CLOSE_GOING_AWAY,
+    CLOSE_HELLO_TIMEOUT,
+    CLOSE_SLOW_CONSUMER,
+    Limits,
+    ProtocolError,
+    encode,
+    error_frame,
+    parse,
+)
+from chatd.records import Outcome
+from chatd.shutdown import ShutdownClock
+
+if TYPE_CHECKING:
+    from chatd.engine.ops import Services
+
+log = logging.getLogger("chatd.session")
+
+_ids = itertools.count(1)
+#: A client too stuck even to take the frame in flight is cut off after this.
+_DROP_GRACE = 5.0
+#: Longest wait for the client's side of the close handshake.
+_CLOSE_WAIT = 1.0
+# Frames queued together are written with one socket send up to this size.
+_WRITE_BYTES = 64 * 1024
+
+
+@dataclass
+class SessionCounters:
+    """What every session of the process counts, for operators."""
+
+    slow_disconnects: int = 0
+    hello_timeouts: int = 0
+
+
+@dataclass
+class _Pending:
+    """What the acker needs to answer one send."""
+
+    ref: Any
+    wants_reply: bool
+    prompt: str = field(repr=False, default="")
+
+
+class Session:
+    """A connected client. Implements the feeds' ``Subscriber`` protocol."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        services: Services,
+        cfg: ServerConfig,
+        limits: Limits,
+        shutdown: ShutdownClock,
+        counters: SessionCounters,
+    ) -> None:
+        self.conn = conn
+        self.services = services
+        self.cfg = cfg
+        self.limits = limits
+        self._shutdown = shutdown
+        self._counters = counters
+        self.id = next(_ids)
+        self.user = ""
+        self.subscriptions: set[str] = set()
+        self._queue: deque[str] = deque()
+        self._queued_bytes = 0
+        self._wakeup = trio.Event()
+        self._inflight = trio.Semaphore(cfg.max_inflight_sends)
+        self._answered = trio.Event()
+        self.outcomes, self._outcomes = trio.open_memory_channel[Outcome](cfg.max_inflight_sends)
+        self.typing_busy = False
+        self._close_code: int | None = None
+        self._close_reason = ""
+        self._graceful = False
+        self._scope: trio.CancelScope | None = None
+        self._reader_scope = trio.CancelScope()
+
+    # -- outbound ---------------------------------------------------------
+
+    def deliver(self, text: str) -> bool:
+        """Queue a frame for the client without blocking; False once it is dropped."""
+        if self._close_code is not None and not self._graceful:
+            return False
+        size = len(text)
+        # The bound limits accumulation: one frame into an empty queue always fits
+        # (a large snapshot), anything queued behind it counts.
+        if self._queue and (
+            len(self._queue) >= self.cfg.send_queue_frames
+            or self._queued_bytes + size > self.cfg.send_queue_bytes
+        ):
+            self._counters.slow_disconnects += 1
+            self._drop(
+                CLOSE_SLOW_CONSUMER,
+                "slow consumer: send queue full; reconnect and resume with 'after'",
+            )
+            return False
+        self._queue.append(text)
+        self._queued_bytes += size
+        self._wakeup.set()
+        return True
+
+    def reply(self, frame: dict[str, Any], ref: Any = None) -> None:
+        if ref is not None:
+            frame["ref"] = ref
+        self.deliver(encode(frame))
+
+    def subscription_failed(self, conv: str) -> None:
+        # The client was told (an error frame); it may subscribe again.
+        if conv in self.subscriptions:
+            self.subscriptions.discard(conv)
+            self.services.hub.leave(self, conv)
+
+    def _drop(self, code: int, reason: str) -> None:
+        """Close with ``code`` now: the writer finishes the frame in flight (cutting
+        it would corrupt the stream), then closes; a client too stuck even for
+        that is cut off after ``_DROP_GRACE`` seconds."""
+        if self._close_code is not None and not self._graceful:
+            return
+        self._close_code, self._close_reason, self._graceful = code, reason, False
+        self._queue.clear()
+        self._queued_bytes = 0
+        self._wakeup.set()
+        if self._scope is not None:
+            self._scope.deadline = min(self._scope.deadline, trio.current_time() + _DROP_GRACE)
+
+    # -- shutdown, from the server ------------------------------------------
+
+    def stop_reading(self) -> None:
+        """Take no more frames from the client (sends in flight are still answered)."""
+        self._reader_scope.cancel()
+
+    @property
+    def sends_in_flight(self) -> int:
+        return self.cfg.max_inflight_sends - self._inflight.value
+
+    async def sends_answered(self) -> None:
+        """Return once every send submitted so far has been answered."""
+        while self.sends_in_flight:
+            self._answered = trio.Event()
+            await self._answered.wait()
+
+    def close(self, code: int = CLOSE_GOING_AWAY, reason: str = "server shutting down") -> None:
+        """Send what is queued, then close with ``code``."""
+        if self._close_code is None:
+            self._close_code, self._close_reason, self._graceful = code, reason, True
+            self._wakeup.set()
+
+    # -- lifecycle ----------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the client until it leaves, misbehaves or the server stops."""
+        try:
+            with trio.CancelScope() as self._scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._acker)
+                    nursery.start_soon(self._reader, nursery)
+                    await self._writer()
+                    nursery.cancel_scope.cancel()
+        except* ConnectionGone:
+            pass  # the client went away; nothing to answer
+        finally:
+            for conv in list(self.subscriptions):
+                self.services.hub.leave(self, conv)
+            self.subscriptions.clear()
+            if not self.conn.is_closed:
+                await self._last_words()
+            self._outcomes.close()
+
+    async def _last_words(self) -> None:
+        """Answer the sends still in flight, flush, close: within the shutdown's deadline."""
+        with self._shutdown.shield(_DROP_GRACE, "close"):
+            try:
+                while self.sends_in_flight and self._close_code != CLOSE_SLOW_CONSUMER:
+                    self._answer(await self._outcomes.receive(), last=True)
+                if self._close_code != CLOSE_SLOW_CONSUMER:
+                    frames = list(self._queue)
+                    self._queue.clear()
+                    if frames:
+                        await self.conn.send_frames(frames)
+            except (ConnectionGone, trio.EndOfChannel):
+                return
+            with trio.move_on_after(_CLOSE_WAIT):
+                await self.conn.aclose(
+                    self._close_code or CLOSE_GOING_AWAY,
+                    self._close_reason or "server shutting down",
+                )
+
+    async def _writer(self) -> None:
+        """Send queued frames; returns once the session is closing."""
+        while True:
+            while self._queue and (self._close_code is None or self._graceful):
+                frames = [self._queue.popleft()]
+                size = len(frames[0])
+                while self._queue and size < _WRITE_BYTES:
+                    frames.append(self._queue.popleft())
+                    size += len(frames[-1])
+                self._queued_bytes -= size
+                await self.conn.send_frames(frames)
+            if self._close_code is not None:
+                return
+            self._wakeup = trio.Event()
+            if not self._queue:
+                await self._wakeup.wait()
+
+    async def _reader(self, nursery: trio.Nursery) -> None:
+        from chatd.engine.ops import OPS
+
+        with self._reader_scope:
+            with trio.move_on_after(self.cfg.hello_timeout) as hello_scope:
+                while not self.user:
+                    await self._handle_frame(await self.conn.get_message(), nursery, OPS)
+            if hello_scope.cancelled_caught:
+                self._counters.hello_timeouts += 1
+                self._drop(CLOSE_HELLO_TIMEOUT, "no hello received in time")
+                return
+            while True:
+                await self._handle_frame(await self.conn.get_message(), nursery, OPS)
+
+    async def _handle_frame(self, data: str | bytes, nursery: trio.Nursery, ops: Any) -> None:
+        ref = None
+        try:
+            req = parse(data, self.limits)
+            ref = req.ref
+            if not self.user and req.op != "hello":
+                raise ProtocolError("not_authenticated", "send hello first", ref)
+            await ops[req.op](self, req, nursery)
+        except ProtocolError as exc:
+            self.reply(error_frame(exc.code, exc.message), exc.ref if exc.ref is not None else ref)
+        except Unavailable as exc:
+            self.reply(error_frame("unavailable", exc.message, retryable=True), ref)
+
+    # -- sends and their answers ------------------------------------------------
+
+    async def acquire_send_slot(self) -> None:
+        # The reader checkpoints on every frame; skip a second yield when a slot is free.
+        try:
+            self._inflight.acquire_nowait()
+        except trio.WouldBlock:
+            await self._inflight.acquire()
+
+    async def _acker(self) -> None:
+        async for first in self._outcomes:
+            # A commit answers many sends at once: take every outcome that is
+            # ready without a scheduler round each.
+            ready = [first]
+            while True:
+                try:
+                    ready.append(self._outcomes.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            for outcome in ready:
+                self._answer(outcome)
+                if _starts_reply(outcome):
+                    await self._start_reply(outcome)
+
+    def _answer(self, outcome: Outcome, *, last: bool = False) -> None:
+        """Answer one send; a committed one asking for a reply is left to
+        :meth:`_start_reply`, unless these are the session's ``last`` words."""
+        self._inflight.release()
+        self._answered.set()
+        pending: _Pending = outcome.tag
+        msg, result = outcome.msg, outcome.result
+        if isinstance(result, Exception):
+            if isinstance(result, Unavailable):
+                frame = error_frame(
+                    "unavailable", result.message, retryable=True, conv=msg.conv, id=msg.client_id
+                )
+            else:
+                frame = error_frame(
+                    "internal", "the message could not be stored", conv=msg.conv, id=msg.client_id
+                )
+            self.reply(frame, pending.ref)
+        elif _starts_reply(outcome):
+            if not last:
+                return  # answered with the reply's id by _start_reply
+            ack = {"type": "ack", "conv": msg.conv, "id": msg.client_id, "seq": result.seq}
+            self.reply(ack, pending.ref)
+            err = error_frame(
+                "unavailable",
+                "the server is shutting down; no reply",
+                retryable=True,
+                conv=msg.conv,
+            )
+            self.reply(err, pending.ref)
+        else:
+            frame = {"type": "ack", "conv": msg.conv, "id": msg.client_id, "seq": result.seq}
+            if result.duplicate:
+                # The original send started its reply (if it asked for one).
+                frame["duplicate"] = True
+            self.reply(frame, pending.ref)
+
+    async def _start_reply(self, outcome: Outcome) -> None:
+        msg, pending = outcome.msg, outcome.tag
+        assert not isinstance(outcome.result, Exception)
+        ack: dict[str, Any] = {"type": "ack", "conv": msg.conv, "id": msg.client_id}
+        ack["seq"] = outcome.result.seq
+        try:
+            ack["stream"] = await self.services.replies.start(msg.conv, ack["seq"], pending.prompt)
+        except (ProtocolError, Unavailable) as exc:
+            self.reply(ack, pending.ref)
+            code = exc.code if isinstance(exc, ProtocolError) else "unavailable"
+            self.reply(error_frame(code, exc.message, retryable=True, conv=msg.conv), pending.ref)
+            return
+        self.reply(ack, pending.ref)
+
+
+def _starts_reply(outcome: Outcome) -> bool:
+    result = outcome.result
+    return outcome.tag.wants_reply and not isinstance(result, Exception) and not result.duplicate
+
+
+def pending_send(ref: Any, wants_reply: bool, prompt: str) -> _Pending:
+    return _Pending(ref, wants_reply, prompt)

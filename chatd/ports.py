@@ -1,0 +1,176 @@
+"""The ports: the narrow interfaces the engine depends on.
+
+The engine (``chatd.engine``) never imports a driver. It talks to
+
+* a :class:`Log` — the durable log of messages and the outbox (Postgres in
+  production, :mod:`chatd.adapters.memory_log` in fast tests),
+* a :class:`Transport` — a disposable fan-out and the token lane's partials
+  (Redis, or :mod:`chatd.adapters.memory_transport`),
+* a :class:`Connection` — one client (a WebSocket, or an in-memory pair).
+
+Every method that does I/O has a deadline inside the adapter and raises only
+chatd's own errors: :class:`~chatd.errors.StoreUnavailable` /
+:class:`~chatd.errors.BusUnavailable` (retry later; the outcome of a write may
+be unknown) or :class:`~chatd.errors.StoreError` (rejected for good). The
+contract tests (``tests/test_contract_*.py``) run the same behaviours against
+both implementations of each port, so the memory twins cannot drift.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol
+
+from chatd.records import BusMessage, Committed, InFlight, LaneOp, NewMessage, OutboxEvent, Snapshot
+
+
+class Log(Protocol):
+    """Postgres's job: the source of truth."""
+
+    async def commit(
+        self, msgs: Sequence[NewMessage], published: Sequence[int], notify: bool
+    ) -> tuple[list[Committed], list[OutboxEvent]]:
+        """Commit ``msgs`` in one transaction, in order; returns one result per message
+        and the new outbox rows (duplicates have none).
+
+        Per conversation, seqs continue the conversation's head with no gap. A
+        ``client_id`` already stored (or repeated earlier in ``msgs``) commits
+        nothing and reports the original as a duplicate. The same transaction
+        deletes the outbox rows ``published`` (skipping rows a sweep holds),
+        and, when ``notify``, wakes every relay (:meth:`wait_for_notify`).
+        One message that cannot be stored fails the whole call with StoreError.
+        """
+        ...
+
+    async def snapshots(
+        self,
+        conv: str,
+        afters: Sequence[int | None],
+        limit: int,
+        max_catchup: int,
+        streams: Sequence[str],
+    ) -> list[Snapshot]:
+        """One consistent snapshot per cursor in ``afters``: every message after it
+        if at most ``max_catchup``, else (or with no cursor) the latest ``limit``.
+        ``streams``: reply ids; those already committed are reported."""
+        ...
+
+    async def after(self, conv: str, after: int, limit: int) -> list[dict[str, Any]]:
+        """Up to ``limit`` messages with seq > ``after``, in seq order."""
+        ...
+
+    async def history(self, conv: str, before: int | None, limit: int) -> list[dict[str, Any]]:
+        """Up to ``limit`` messages with seq < ``before`` (the latest ones), in seq order."""
+        ...
+
+    def claim_outbox(
+        self, limit: int, min_age: float
+    ) -> AbstractAsyncContextManager[list[OutboxEvent]]:
+        """Claim up to ``limit`` outbox rows at least ``min_age`` seconds old, in id order.
+
+        Rows another claim holds are skipped. Leaving the block normally deletes
+        them; leaving it with an exception puts them back.
+        """
+        ...
+
+    async def notify_relays(self) -> None:
+        """Wake every relay (:meth:`wait_for_notify`), in every process."""
+        ...
+
+    async def wait_for_notify(self) -> None:
+        """Return when a commit made with ``notify`` (or :meth:`notify_relays`) happened
+        since the last return. The caller bounds the wait: it is a wake-up, not a
+        guarantee, so relays also poll."""
+        ...
+
+    async def vacuum_outbox(self) -> None:
+        """Reclaim the space of deleted outbox rows (a no-op where there is none)."""
+        ...
+
+    async def stats(self) -> dict[str, Any]:
+        """``outbox_rows`` and ``outbox_oldest_s``, for operators."""
+        ...
+
+
+class Transport(Protocol):
+    """Redis's job: a disposable transport that holds no truth.
+
+    Publishing is at most once: a subscriber that is not connected misses the
+    message, and learns it (a ``subscribe`` message) when its subscription is
+    live again, so it re-reads what it missed from the :class:`Log`.
+    """
+
+    async def publish_events(self, events: Sequence[tuple[str, str]]) -> None:
+        """Publish ``(conv, event JSON)`` pairs in order: one message per conversation,
+        its events a line each (:func:`chatd.records.join_events`)."""
+        ...
+
+    async def publish(self, conv: str, data: str) -> None:
+        """Publish one ephemeral event (typing)."""
+        ...
+
+    async def publish_control(self, data: str) -> None:
+        """A message to every chatd process (stop a reply running elsewhere)."""
+        ...
+
+    async def lane(self, ops: Sequence[LaneOp], ttl: int) -> list[int]:
+        """Apply each op atomically: extend the reply's partial (or rewrite it whole
+        when the transport does not hold ``expect_bytes``), refresh its TTL, record
+        or (``meta == ""``) delete it, publish its frames. Returns each partial's
+        UTF-8 length afterwards."""
+        ...
+
+    async def read_streams(self, conv: str) -> list[InFlight]:
+        """The conversation's in-flight replies with their partial text, atomically."""
+        ...
+
+    async def read_partial(self, conv: str, stream: str) -> str | None: ...
+
+    async def stream_exists(self, conv: str, stream: str) -> bool: ...
+
+    def want(self, conv: str) -> None:
+        """Local subscribers want ``conv``'s events: subscribe soon (never blocks)."""
+        ...
+
+    def unwant(self, conv: str) -> None:
+        """No local subscriber wants ``conv`` any more."""
+        ...
+
+    async def receive(self, wait: float) -> list[BusMessage]:
+        """Apply wanted (un)subscriptions, then return what arrived, waiting up to
+        ``wait`` seconds for the first message. One caller at a time."""
+        ...
+
+    async def ping(self) -> bool: ...
+
+
+class Connection(Protocol):
+    """One client's connection, as a session sees it."""
+
+    #: The peer's address, for logs and per-address limits.
+    remote: str
+
+    async def get_message(self) -> str | bytes:
+        """The next message; raises :class:`ConnectionGone` once the client left."""
+        ...
+
+    async def send_frames(self, frames: list[str]) -> None:
+        """Send text frames, in order (one write); raises :class:`ConnectionGone`."""
+        ...
+
+    async def aclose(self, code: int, reason: str) -> None:
+        """Close with ``code`` (at most a short bounded wait for the peer)."""
+        ...
+
+    @property
+    def is_closed(self) -> bool: ...
+
+
+class ConnectionGone(Exception):
+    """The client's connection is closed; nothing more can be sent or received."""
+
+    def __init__(self, code: int | None = None, reason: str = "") -> None:
+        super().__init__(f"connection closed ({code}): {reason}")
+        self.code = code
+        self.reason = reason

@@ -1,0 +1,186 @@
+"""The Log port's contract, against the memory twin and against Postgres alike."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import trio
+
+from chatd.errors import StoreError, StoreUnavailable
+from chatd.protocol import encode
+from chatd.records import NewMessage, message_event
+
+
+def _conv() -> str:
+    return f"k-{uuid.uuid4().hex[:10]}"
+
+
+def _msg(conv: str, cid: str, text: str = "hi", user: str = "u", **kw) -> NewMessage:
+    return NewMessage(conv, cid, user, text, **kw)
+
+
+async def test_commit_assigns_gapless_seqs_and_returns_the_events(logs):
+    log, _, _ = logs
+    a, b = _conv(), _conv()
+    results, events = await log.commit(
+        [_msg(a, "a1", "one"), _msg(b, "b1", "x"), _msg(a, "a2", 'two "quoted" \u2028 é 🙂')],
+        [],
+        False,
+    )
+    assert [(r.conv, r.client_id, r.seq, r.duplicate) for r in results] == [
+        (a, "a1", 1, False),
+        (b, "b1", 1, False),
+        (a, "a2", 2, False),
+    ]
+    m = results[2].message
+    assert (m["id"], m["user"], m["role"], m["status"]) == ("a2", "u", "user", "complete")
+    assert m["text"] == 'two "quoted" \u2028 é 🙂' and isinstance(m["ts"], int)
+    # Events come back in send order, each exactly the live message event.
+    assert [e.conv for e in events] == [a, b, a]
+    for e, r in zip(events, results, strict=True):
+        assert e.payload == encode(message_event(r.conv, r.message))
+    # Outbox ids follow (conversation, seq), whatever the send order.
+    keyed = [(e.id, (r.conv, r.seq)) for e, r in zip(events, results, strict=True)]
+    assert sorted(keyed) == sorted(keyed, key=lambda pair: pair[1])
+    results, _ = await log.commit([_msg(a, "a3")], [], False)
+    assert results[0].seq == 3
+
+
+async def test_duplicates_across_and_within_batches(logs):
+    log, _, _ = logs
+    c = _conv()
+    await log.commit([_msg(c, "early", "first")], [], False)
+    results, events = await log.commit(
+        [
+            _msg(c, "x1", "new"),
+            _msg(c, "early", "retried with other text"),
+            _msg(c, "x1", "repeated in the batch"),
+            _msg(c, "x2", "another", role="assistant", status="stopped"),
+        ],
+        [],
+        False,
+    )
+    assert [(r.client_id, r.seq, r.duplicate) for r in results] == [
+        ("x1", 2, False),
+        ("early", 1, True),
+        ("x1", 2, True),
+        ("x2", 3, False),
+    ]
+    assert results[1].message["text"] == "first", "a duplicate reports the original"
+    assert results[2].message == results[0].message
+    assert results[3].message["role"] == "assistant" and results[3].message["status"] == "stopped"
+    assert len(events) == 2, "duplicates have no outbox row"
+
+
+async def test_a_message_that_cannot_be_stored_fails_the_whole_batch(logs):
+    log, _, _ = logs
+    c = _conv()
+    with pytest.raises(StoreError):
+        await log.commit([_msg(c, "ok"), _msg(c, "bad", "nul \x00 byte")], [], False)
+    with pytest.raises(StoreError):
+        await log.commit([_msg(c, "bad-role", role="robot")], [], False)
+    assert await log.after(c, 0, 10) == [], "nothing was written"
+    results, _ = await log.commit([_msg(c, "ok")], [], False)
+    assert results[0].seq == 1
+
+
+async def test_snapshots(logs):
+    log, _, _ = logs
+    c = _conv()
+    for k in range(9):
+        await log.commit([_msg(c, f"m{k}", f"text {k}")], [], False)
+    await log.commit([_msg(c, "~reply", "done", role="assistant")], [], False)
+    afters = [None, 0, 3, 5, 10, 12]
+    snaps = await log.snapshots(c, afters, 4, 5, ["~reply", "~other"])
+    got = [([m["seq"] for m in s.messages], s.head, s.recovered) for s in snaps]
+    assert got == [
+        ([7, 8, 9, 10], 10, True),  # no cursor: the latest N
+        ([7, 8, 9, 10], 10, False),  # too far behind: the latest N, not recovered
+        ([7, 8, 9, 10], 10, False),
+        ([6, 7, 8, 9, 10], 10, True),  # within max_catchup: everything after
+        ([], 10, True),
+        ([], 10, True),
+    ]
+    assert all(s.committed_streams == {"~reply"} for s in snaps)
+    assert snaps[3].messages[0]["text"] == "text 5"
+    empty = await log.snapshots(_conv(), [None, 3], 4, 5, [])
+    assert [(s.messages, s.head, s.recovered) for s in empty] == [([], 0, True), ([], 0, True)]
+
+
+async def test_after_and_history_pages(logs):
+    log, _, _ = logs
+    c = _conv()
+    for k in range(7):
+        await log.commit([_msg(c, f"m{k}")], [], False)
+    assert [m["seq"] for m in await log.after(c, 2, 3)] == [3, 4, 5]
+    assert [m["seq"] for m in await log.after(c, 6, 10)] == [7]
+    assert await log.after(c, 7, 10) == []
+    assert [m["seq"] for m in await log.history(c, None, 3)] == [5, 6, 7]
+    assert [m["seq"] for m in await log.history(c, 5, 3)] == [2, 3, 4]
+    assert [m["seq"] for m in await log.history(c, 2, 3)] == [1]
+    assert await log.history(_conv(), None, 3) == []
+
+
+async def test_claims_skip_each_other_and_only_a_clean_exit_deletes(logs):
+    a, b, _ = logs
+    c = _conv()
+    _, events = await a.commit([_msg(c, f"m{k}") for k in range(4)], [], False)
+    ids = [e.id for e in events]
+    with pytest.raises(RuntimeError):
+        async with a.claim_outbox(10, 0.0) as claimed:
+            assert [e.id for e in claimed] == ids
+            raise RuntimeError("publish failed")
+    async with a.claim_outbox(2, 0.0) as first:
+        assert [e.id for e in first] == ids[:2], "put back, and claimed in id order"
+        async with b.claim_outbox(10, 0.0) as second:
+            assert [e.id for e in second] == ids[2:], "rows another claim holds are skipped"
+    assert (await a.stats())["outbox_rows"] == 0
+
+
+async def test_claims_respect_min_age_and_commits_delete_what_was_published(logs):
+    log, other, _ = logs
+    c = _conv()
+    _, events = await log.commit([_msg(c, "m0"), _msg(c, "m1")], [], False)
+    async with log.claim_outbox(10, 60.0) as young:
+        assert young == []
+    async with other.claim_outbox(10, 0.0) as held:
+        assert len(held) == 2
+        # A commit deleting published rows skips those a claim holds (SKIP LOCKED).
+        await log.commit([_msg(c, "m2")], [events[0].id], False)
+    assert (await log.stats())["outbox_rows"] == 1  # m2's own row
+    _, events = await log.commit([_msg(c, "m3")], [], False)
+    await log.commit([], [events[0].id], False)
+    stats = await log.stats()
+    assert stats["outbox_rows"] == 1 and stats["outbox_oldest_s"] >= 0
+
+
+async def test_notify_wakes_the_other_relays(logs):
+    a, b, _ = logs
+    c = _conv()
+    # The first wait connects its listener (Postgres: LISTEN); nothing is pending yet.
+    with trio.move_on_after(0.3) as idle:
+        await b.wait_for_notify()
+    assert idle.cancelled_caught
+    await a.commit([_msg(c, "quiet")], [], False)
+    with trio.move_on_after(0.3) as quiet:
+        await b.wait_for_notify()
+    assert quiet.cancelled_caught, "a commit without notify wakes nobody"
+    await a.commit([_msg(c, "loud")], [], True)
+    with trio.fail_after(3):
+        await b.wait_for_notify()
+    await a.notify_relays()
+    with trio.fail_after(3):
+        await b.wait_for_notify()
+
+
+async def test_the_chaos_gate_breaks_calls(logs):
+    log, _, chaos = logs
+    chaos.break_for("postgres", 30)
+    with pytest.raises(StoreUnavailable, match="chaos"):
+        await log.commit([_msg(_conv(), "m")], [], False)
+    chaos.break_for("postgres", 30, latency=2.0)
+    with pytest.raises(StoreUnavailable, match="no answer within"):
+        await log.after(_conv(), 0, 1)
+    chaos.heal()
+    assert await log.after(_conv(), 0, 1) == []

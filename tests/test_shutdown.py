@@ -1,0 +1,120 @@
+"""Shutdown under load, as an operator does it: SIGTERM to a running ``chatd serve``.
+
+With hundreds of sends in flight and a reply streaming, every send is
+answered (an ack, or a retryable ``unavailable``) before the close, the
+reply ends with a frame its clients can act on, every client is closed with
+1001, and the process exits within ``[server].shutdown_grace``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from functools import partial
+
+import trio
+from trio_websocket import ConnectionClosed, open_websocket_url
+
+CONNECTIONS = 8
+IN_FLIGHT = 32
+
+
+async def _start_chatd(tmp_path, postgres, redis_server, nursery) -> tuple[trio.Process, str]:
+    conf = tmp_path / "chatd.toml"
+    conf.write_text(
+        "[server]\nport = 0\nshutdown_grace = 5.0\n"
+        "[model]\nfake_token_rate = 20.0\n"
+        '[log]\nlevel = "warning"\n'
+    )
+    env = {
+        **os.environ,
+        "CHATD_POSTGRES_DSN": postgres.dsn,
+        "CHATD_REDIS_URL": redis_server.url,
+    }
+    proc: trio.Process = await nursery.start(
+        partial(
+            trio.run_process,
+            [sys.executable, "-m", "chatd.cli", "--config", str(conf), "serve"],
+            stdout=subprocess.PIPE,
+            env=env,
+            check=False,
+        )
+    )
+    line = b""
+    with trio.fail_after(30):
+        while b"\n" not in line:
+            line += await proc.stdout.receive_some(4096)
+    url = line.decode().split("serving on ", 1)[1].split()[0]
+    return proc, url
+
+
+async def test_sigterm_answers_every_send_and_ends_every_reply(
+    tmp_path, postgres, redis_server, nursery
+):
+    proc, url = await _start_chatd(tmp_path, postgres, redis_server, nursery)
+    conv = f"sd-{os.getpid()}-{trio.current_time():.0f}"
+    refs_answered: dict[int, list[dict]] = {}
+    closes: dict[int, int | None] = {}
+    viewer_frames: list[dict] = []
+    ready = trio.Event()
+
+    async def viewer() -> None:
+        async with open_websocket_url(url) as ws:
+            await ws.send_message(json.dumps({"op": "hello", "user": "viewer"}))
+            await ws.send_message(json.dumps({"op": "subscribe", "conv": conv}))
+            await ws.send_message(
+                json.dumps(
+                    {"op": "send", "conv": conv, "id": "q", "text": "#tokens=100000", "reply": True}
+                )
+            )
+            try:
+                while True:
+                    frame = json.loads(await ws.get_message())
+                    viewer_frames.append(frame)
+                    if frame.get("type") == "delta":
+                        ready.set()
+            except ConnectionClosed as exc:
+                closes[-1] = exc.reason.code
+
+    async def sender(k: int) -> None:
+        async with open_websocket_url(url) as ws:
+            await ws.send_message(json.dumps({"op": "hello", "user": f"s{k}"}))
+            for i in range(IN_FLIGHT):
+                frame = {"op": "send", "conv": f"{conv}-{k}", "id": f"m{i}", "text": "x", "ref": i}
+                await ws.send_message(json.dumps(frame))
+            answers: list[dict] = []
+            try:
+                while True:
+                    frame = json.loads(await ws.get_message())
+                    if isinstance(frame.get("ref"), int):
+                        answers.append(frame)
+            except ConnectionClosed as exc:
+                closes[k] = exc.reason.code
+            refs_answered[k] = answers
+
+    async with trio.open_nursery() as clients:
+        clients.start_soon(viewer)
+        with trio.fail_after(10):
+            await ready.wait()
+        for k in range(CONNECTIONS):
+            clients.start_soon(sender, k)
+        await trio.sleep(0.05)  # the sends are in flight now
+        t0 = trio.current_time()
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(15):
+            await proc.wait()
+        elapsed = trio.current_time() - t0
+    assert proc.returncode == 0
+    assert elapsed < 5.0 + 1.0, f"shutdown took {elapsed:.1f}s"
+    for k in range(CONNECTIONS):
+        answers = refs_answered[k]
+        assert sorted(a["ref"] for a in answers) == list(range(IN_FLIGHT)), (k, answers[:3])
+        for a in answers:
+            assert a["type"] == "ack" or (a["code"] == "unavailable" and a["retryable"]), a
+        assert closes[k] == 1001
+    ends = [f for f in viewer_frames if f.get("type") in ("stream.end", "stream.error")]
+    assert [(e["type"], e.get("code")) for e in ends] == [("stream.error", "interrupted")]
+    assert closes[-1] == 1001
