@@ -4,9 +4,9 @@ Sends arriving while a commit is in flight (or within
 ``[store].group_commit_window_ms``) commit together, in one transaction and
 one round trip, in submission order; each is still answered on its own. The
 answer goes back to the task that submitted the message: :meth:`Committer.submit`
-takes the submitter's channel, and the committer sends an
-:class:`~chatd.records.Outcome` into it. Nothing of the submitter runs in the
-committer's task.
+takes the submitter's inbox (a session, or a channel), and the committer
+hands it an :class:`~chatd.records.Outcome` without blocking. Nothing of the
+submitter runs in the committer's task.
 
 * **Poison isolation.** A batch the log rejects (one message it cannot store)
   is split in halves, recursively, so the bad message fails alone and its
@@ -28,7 +28,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -47,11 +47,17 @@ _FLUSH_AFTER = 0.05
 _MAX_PUBLISHED = 100_000
 
 
+class Inbox(Protocol):
+    """Where an outcome goes: a trio channel, or a session's own inbox."""
+
+    def send_nowait(self, outcome: Outcome) -> None: ...
+
+
 @dataclass(slots=True)
 class _Pending:
     msg: NewMessage
     tag: Any
-    reply_to: trio.MemorySendChannel[Outcome]
+    reply_to: Inbox
     answered: bool = False
 
 
@@ -87,13 +93,11 @@ class Committer:
 
     # -- for submitters ---------------------------------------------------
 
-    async def submit(
-        self, msg: NewMessage, tag: Any, reply_to: trio.MemorySendChannel[Outcome]
-    ) -> None:
-        """Queue ``msg``; its :class:`Outcome` (carrying ``tag``) is sent to ``reply_to``.
+    async def submit(self, msg: NewMessage, tag: Any, reply_to: Inbox) -> None:
+        """Queue ``msg``; its :class:`Outcome` (carrying ``tag``) goes to ``reply_to``.
 
         ``reply_to`` must have room for every outcome the submitter awaits (it is
-        sent without blocking). Submission order is commit order.
+        handed over without blocking). Submission order is commit order.
         """
         pending = _Pending(msg, tag, reply_to)
         # The queue is rarely full: skip the scheduler round when it isn't.

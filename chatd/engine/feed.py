@@ -1,9 +1,9 @@
 """A feed: every local subscriber of one conversation, and the task that serves them.
 
-The hub routes each of the conversation's events into the feed's mailbox;
-the feed's task handles them strictly in order: joins (load the snapshot,
-then go live), live events, reply frames (:mod:`chatd.engine.feed_replies`)
-and resyncs. Each subscription keeps ``last``, the highest seq it has been
+The hub routes each of the conversation's events into the feed; the feed's
+task handles membership first (joins: load the snapshot, then go live;
+leaves; resyncs), then live events and reply frames
+(:mod:`chatd.engine.feed_replies`), each in arrival order. Each subscription keeps ``last``, the highest seq it has been
 sent; a live event is delivered only as ``last + 1``. The transport is at
 most once, so a jump in seq is a gap: the feed reads the missing messages
 from the log first. Every (re)subscription confirmed by the transport also
@@ -25,6 +25,7 @@ import trio
 
 from chatd.backoff import Backoff
 from chatd.config import RetryConfig, StoreConfig
+from chatd.engine.feed_replies import ReplyFrames
 from chatd.errors import Unavailable
 from chatd.ports import Log, Transport
 from chatd.protocol import encode, error_frame
@@ -124,8 +125,6 @@ class Feed:
         retry: RetryConfig,
         counters: Counters,
     ) -> None:
-        from chatd.engine.feed_replies import ReplyFrames
-
         self.conv = conv
         self.log = log
         self.transport = transport
@@ -134,29 +133,40 @@ class Feed:
         self.counters = counters
         self.subs: dict[int, Sub] = {}
         self.needs_resync = False
-        self._mailbox: deque[Any] = deque()
-        self._live = 0  # droppable items in the mailbox
+        self._live: deque[Event | StreamFrame | Ephemeral] = deque()
+        self._members: deque[Join | Leave | Resync] = deque()
         self._wake = trio.Event()
         self._closed = False
         #: Set while the task waits with nothing to handle.
         self._idle = trio.Event()
+        self._is_idle = False
         self.replies = ReplyFrames(self)
 
     # -- the mailbox ------------------------------------------------------
 
-    def put(self, item: Any) -> None:
-        """Queue an item; never blocks. Live events past the bound become a resync."""
+    def put(self, item: Event | StreamFrame | Ephemeral) -> None:
+        """Queue a live item; never blocks. Past the bound it becomes a resync."""
         if self._closed:
             return
-        if isinstance(item, Event | StreamFrame | Ephemeral):
-            if self._live >= _FEED_QUEUE:
-                # Never block the router on one busy feed: the log has every message.
-                self.needs_resync = True
-                self._wake.set()
-                return
-            self._live += 1
-        self._mailbox.append(item)
-        if self._idle.is_set():
+        if len(self._live) >= _FEED_QUEUE:
+            # Never block the router on one busy feed: the log has every message.
+            self.needs_resync = True
+        else:
+            self._live.append(item)
+        self._wake_up()
+
+    def put_member(self, item: Join | Leave | Resync) -> None:
+        """Queue a join, a leave or a resync: these always queue, and are handled
+        before the live items waiting with them (the seq and offset cursors make
+        that order safe; consecutive joins then share one snapshot)."""
+        if self._closed:
+            return
+        self._members.append(item)
+        self._wake_up()
+
+    def _wake_up(self) -> None:
+        if self._is_idle:
+            self._is_idle = False
             self._idle = trio.Event()
         self._wake.set()
 
@@ -178,33 +188,34 @@ class Feed:
     async def run(self) -> None:
         backoff = Backoff.of(self._retry)
         while True:
-            if not self._mailbox:
+            if not self._members and not self._live:
                 if self._closed:
                     return
+                self._is_idle = True
                 self._idle.set()
                 # The retry timeout bounds only the wait, never the handling: a
                 # join cut short would leave its client without a snapshot.
                 with trio.move_on_after(backoff.next() if self.needs_resync else math.inf):
                     await self._wake.wait()
                 self._wake = trio.Event()
-            if self._mailbox:
+            if self._members:
+                members = list(self._members)
+                self._members.clear()
+                await self._on_members(members)
+            if self._live:
                 # Whatever queued meanwhile is handled without a scheduler
                 # round per item (a relay batch arrives all at once).
-                items = [
-                    self._mailbox.popleft() for _ in range(min(_FEED_BURST, len(self._mailbox)))
-                ]
-                self._live -= sum(
-                    1 for i in items if isinstance(i, Event | StreamFrame | Ephemeral)
-                )
-                await self._handle_all(items)
+                live = self._live
+                for _ in range(min(_FEED_BURST, len(live))):
+                    await self._handle(live.popleft())
             if self.needs_resync:
                 if await self._resync():
                     backoff.reset()
             else:
                 backoff.reset()
 
-    async def _handle_all(self, items: list[Any]) -> None:
-        """Handle items in order; consecutive joins share one snapshot round trip."""
+    async def _on_members(self, items: list[Join | Leave | Resync]) -> None:
+        """In order; consecutive joins share one snapshot round trip."""
         joins: list[Join] = []
         for item in items:
             if isinstance(item, Join):
@@ -213,23 +224,23 @@ class Feed:
             if joins:
                 await self._on_joins(joins)
                 joins = []
-            await self._handle(item)
+            if isinstance(item, Leave):
+                self.subs.pop(item.client_id, None)
+            else:
+                self.needs_resync = True
         if joins:
             await self._on_joins(joins)
 
-    async def _handle(self, item: Any) -> None:
-        if isinstance(item, StreamFrame):
-            await self.replies.on_frame(item)
-        elif isinstance(item, Event):
+    async def _handle(self, item: Event | StreamFrame | Ephemeral) -> None:
+        if type(item) is Event:
             await self._on_event(item)
-        elif isinstance(item, Leave):
-            self.subs.pop(item.client_id, None)
-        elif isinstance(item, Ephemeral):
+        elif type(item) is StreamFrame:
+            await self.replies.on_frame(item)
+        else:
+            assert isinstance(item, Ephemeral)
             for sub in list(self.subs.values()):
                 if sub.client.user != item.user and not sub.client.deliver(item.text):
                     self.drop(sub)
-        elif isinstance(item, Resync):
-            self.needs_resync = True
 
     # -- joins ------------------------------------------------------------
 

@@ -140,12 +140,12 @@ class Hub:
                         self._transport.want(req.conv)
                         feeds.start_soon(feed.run, name=f"feed {req.conv}")
                     self._members[req.conv] += 1
-                    feed.put(req.join)
+                    feed.put_member(req.join)
                     continue
                 feed = self.feeds.get(req.conv)
                 if feed is None:
                     continue
-                feed.put(Leave(req.client.id))
+                feed.put_member(Leave(req.client.id))
                 self._members[req.conv] -= 1
                 if self._members[req.conv] <= 0:
                     del self.feeds[req.conv], self._members[req.conv]
@@ -174,7 +174,7 @@ class Hub:
                 self.pubsub_connects += 1
                 # Anything published while we were away is in the log.
                 for feed in self.feeds.values():
-                    feed.put(Resync())
+                    feed.put_member(Resync())
             self.bus_healthy = True
             backoff.reset()
             for msg in batch:
@@ -191,7 +191,7 @@ class Hub:
         if feed is None:
             return
         if kind == "subscribe":
-            feed.put(Resync())
+            feed.put_member(Resync())
             return
         for line in split_events(data):
             self._route_event(feed, line)

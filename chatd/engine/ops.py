@@ -29,6 +29,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("chatd.session")
 
 
+@dataclass(slots=True)
+class SendTag:
+    """What the session's acker needs to answer one send (the committer never looks)."""
+
+    ref: Any
+    wants_reply: bool
+    prompt: str
+
+
 @dataclass(frozen=True)
 class Services:
     """What a session may use."""
@@ -81,13 +90,10 @@ async def op_unsubscribe(s: Session, req: Request, nursery: trio.Nursery) -> Non
 
 
 async def op_send(s: Session, req: Request, nursery: trio.Nursery) -> None:
-    from chatd.engine.session import pending_send
-
     await s.acquire_send_slot()
-    msg = NewMessage(req["conv"], req["id"], s.user, req["text"])
-    await s.services.committer.submit(
-        msg, pending_send(req.ref, req["reply"], req["text"]), s.outcomes
-    )
+    text = req["text"]
+    msg = NewMessage(req["conv"], req["id"], s.user, text)
+    await s.services.committer.submit(msg, SendTag(req.ref, req["reply"], text), s)
 
 
 async def op_stop(s: Session, req: Request, nursery: trio.Nursery) -> None:

@@ -1,12 +1,13 @@
-"""One client's session: three tasks over one :class:`~chatd.ports.Connection`.
+"""One client's session: two tasks over one :class:`~chatd.ports.Connection`.
 
 * The **reader** parses frames and runs each op (:mod:`chatd.engine.ops`). It
   never waits on other clients: a send is submitted to the group committer,
   a subscribe is a request to the hub.
-* The **acker** receives the outcome of every send this session submitted
-  (the committer sends it to the session's own channel) and answers it, in
-  submission order; it also starts the requested replies.
-* The **writer** sends queued frames, many per socket write. The queue is
+* The **writer** owns the session's inbox: frames queued by the feeds
+  (:meth:`Session.deliver`) and the outcomes of the sends this session
+  submitted (the committer hands each to :meth:`Session.send_nowait`, as it
+  would to a channel). It turns outcomes into answers (and starts the replies
+  asked for), and sends queued frames, many per socket write. The queue is
   bounded in frames and bytes: a client that lets it fill is closed with 4008.
 
 Shutdown: :meth:`Session.stop_reading`, then (once every send is answered
@@ -20,12 +21,13 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import deque
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import trio
 
 from chatd.config import ServerConfig
+from chatd.engine.ops import OPS, SendTag, Services
 from chatd.errors import Unavailable
 from chatd.ports import Connection, ConnectionGone
 from chatd.protocol import (
@@ -40,9 +42,6 @@ from chatd.protocol import (
 )
 from chatd.records import Outcome
 from chatd.shutdown import ShutdownClock
-
-if TYPE_CHECKING:
-    from chatd.engine.ops import Services
 
 log = logging.getLogger("chatd.session")
 
@@ -61,15 +60,6 @@ class SessionCounters:
 
     slow_disconnects: int = 0
     hello_timeouts: int = 0
-
-
-@dataclass
-class _Pending:
-    """What the acker needs to answer one send."""
-
-    ref: Any
-    wants_reply: bool
-    prompt: str = field(repr=False, default="")
 
 
 class Session:
@@ -97,8 +87,10 @@ class Session:
         self._queued_bytes = 0
         self._wakeup = trio.Event()
         self._inflight = trio.Semaphore(cfg.max_inflight_sends)
-        self._answered = trio.Event()
-        self.outcomes, self._outcomes = trio.open_memory_channel[Outcome](cfg.max_inflight_sends)
+        #: Outcomes of this session's sends, in commit order (at most max_inflight_sends).
+        self._outcomes: deque[Outcome] = deque()
+        #: Set when a send is answered, while a shutdown waits for that.
+        self._answered: trio.Event | None = None
         self.typing_busy = False
         self._close_code: int | None = None
         self._close_reason = ""
@@ -129,6 +121,11 @@ class Session:
         self._queued_bytes += size
         self._wakeup.set()
         return True
+
+    def send_nowait(self, outcome: Outcome) -> None:
+        """The committer hands over a send's outcome (the session's inbox, never blocks)."""
+        self._outcomes.append(outcome)
+        self._wakeup.set()
 
     def reply(self, frame: dict[str, Any], ref: Any = None) -> None:
         if ref is not None:
@@ -169,6 +166,7 @@ class Session:
         while self.sends_in_flight:
             self._answered = trio.Event()
             await self._answered.wait()
+        self._answered = None
 
     def close(self, code: int = CLOSE_GOING_AWAY, reason: str = "server shutting down") -> None:
         """Send what is queued, then close with ``code``."""
@@ -183,7 +181,6 @@ class Session:
         try:
             with trio.CancelScope() as self._scope:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._acker)
                     nursery.start_soon(self._reader, nursery)
                     await self._writer()
                     nursery.cancel_scope.cancel()
@@ -195,20 +192,23 @@ class Session:
             self.subscriptions.clear()
             if not self.conn.is_closed:
                 await self._last_words()
-            self._outcomes.close()
 
     async def _last_words(self) -> None:
         """Answer the sends still in flight, flush, close: within the shutdown's deadline."""
         with self._shutdown.shield(_DROP_GRACE, "close"):
             try:
                 while self.sends_in_flight and self._close_code != CLOSE_SLOW_CONSUMER:
-                    self._answer(await self._outcomes.receive(), last=True)
+                    if not self._outcomes:
+                        self._wakeup = trio.Event()
+                        await self._wakeup.wait()
+                        continue
+                    self._answer(self._outcomes.popleft(), last=True)
                 if self._close_code != CLOSE_SLOW_CONSUMER:
                     frames = list(self._queue)
                     self._queue.clear()
                     if frames:
                         await self.conn.send_frames(frames)
-            except (ConnectionGone, trio.EndOfChannel):
+            except ConnectionGone:
                 return
             with trio.move_on_after(_CLOSE_WAIT):
                 await self.conn.aclose(
@@ -217,8 +217,12 @@ class Session:
                 )
 
     async def _writer(self) -> None:
-        """Send queued frames; returns once the session is closing."""
+        """Answer outcomes and send queued frames; returns once the session is closing."""
         while True:
+            while self._outcomes and (self._close_code is None or self._graceful):
+                outcome = self._outcomes.popleft()
+                if self._answer(outcome):
+                    await self._start_reply(outcome)
             while self._queue and (self._close_code is None or self._graceful):
                 frames = [self._queue.popleft()]
                 size = len(frames[0])
@@ -230,12 +234,10 @@ class Session:
             if self._close_code is not None:
                 return
             self._wakeup = trio.Event()
-            if not self._queue:
+            if not self._queue and not self._outcomes:
                 await self._wakeup.wait()
 
     async def _reader(self, nursery: trio.Nursery) -> None:
-        from chatd.engine.ops import OPS
-
         with self._reader_scope:
             with trio.move_on_after(self.cfg.hello_timeout) as hello_scope:
                 while not self.user:
@@ -269,27 +271,13 @@ class Session:
         except trio.WouldBlock:
             await self._inflight.acquire()
 
-    async def _acker(self) -> None:
-        async for first in self._outcomes:
-            # A commit answers many sends at once: take every outcome that is
-            # ready without a scheduler round each.
-            ready = [first]
-            while True:
-                try:
-                    ready.append(self._outcomes.receive_nowait())
-                except trio.WouldBlock:
-                    break
-            for outcome in ready:
-                self._answer(outcome)
-                if _starts_reply(outcome):
-                    await self._start_reply(outcome)
-
-    def _answer(self, outcome: Outcome, *, last: bool = False) -> None:
-        """Answer one send; a committed one asking for a reply is left to
-        :meth:`_start_reply`, unless these are the session's ``last`` words."""
+    def _answer(self, outcome: Outcome, *, last: bool = False) -> bool:
+        """Answer one send. True: it committed and asked for a reply, which
+        :meth:`_start_reply` answers, unless these are the session's ``last`` words."""
         self._inflight.release()
-        self._answered.set()
-        pending: _Pending = outcome.tag
+        if self._answered is not None:
+            self._answered.set()
+        pending: SendTag = outcome.tag
         msg, result = outcome.msg, outcome.result
         if isinstance(result, Exception):
             if isinstance(result, Unavailable):
@@ -301,9 +289,9 @@ class Session:
                     "internal", "the message could not be stored", conv=msg.conv, id=msg.client_id
                 )
             self.reply(frame, pending.ref)
-        elif _starts_reply(outcome):
+        elif pending.wants_reply and not result.duplicate:
             if not last:
-                return  # answered with the reply's id by _start_reply
+                return True  # answered with the reply's id by _start_reply
             ack = {"type": "ack", "conv": msg.conv, "id": msg.client_id, "seq": result.seq}
             self.reply(ack, pending.ref)
             err = error_frame(
@@ -319,6 +307,7 @@ class Session:
                 # The original send started its reply (if it asked for one).
                 frame["duplicate"] = True
             self.reply(frame, pending.ref)
+        return False
 
     async def _start_reply(self, outcome: Outcome) -> None:
         msg, pending = outcome.msg, outcome.tag
@@ -333,12 +322,3 @@ class Session:
             self.reply(error_frame(code, exc.message, retryable=True, conv=msg.conv), pending.ref)
             return
         self.reply(ack, pending.ref)
-
-
-def _starts_reply(outcome: Outcome) -> bool:
-    result = outcome.result
-    return outcome.tag.wants_reply and not isinstance(result, Exception) and not result.duplicate
-
-
-def pending_send(ref: Any, wants_reply: bool, prompt: str) -> _Pending:
-    return _Pending(ref, wants_reply, prompt)
