@@ -19,11 +19,16 @@ from chatd.errors import ChatdError
 log = logging.getLogger("chatd")
 
 
-def _load(args: argparse.Namespace) -> Config:
+def config_path(args: argparse.Namespace) -> str | None:
+    """The config file a command reads: ``--config``, else ./config.toml if present."""
     path = args.config
     if path is None and Path("config.toml").is_file():
         path = "config.toml"
-    return load_config(path, os.environ)
+    return path
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(config_path(args), os.environ)
 
 
 def _setup_logging(config: Config) -> None:
@@ -247,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("component", nargs="?", choices=["postgres", "redis"])
     chaos_sub.add_parser("status", help="show the gates")
     p.set_defaults(func=_cmd_chaos)
+    from chatd import access_commands
+
+    access_commands.add_parsers(sub)
     p = sub.add_parser("bench", help="benchmarks with printed tables (see 'chatd bench -h')")
     from chatd import bench
 

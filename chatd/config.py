@@ -1,4 +1,6 @@
-"""chatd configuration: a frozen object built from ``config.toml``.
+"""chatd configuration: a frozen object built from ``config.toml``, a section per component.
+
+The checks it must pass are in :mod:`chatd.config_checks`.
 
 Nothing here reads the environment or the filesystem at import time; the CLI
 calls :func:`load_config` with an explicit path and environment mapping.
@@ -13,9 +15,9 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from chatd.config_checks import ConfigError, validate
 
-class ConfigError(ValueError):
-    """The configuration is invalid; the message names the offending key."""
+__all__ = ["ConfigError", "config_from_dict", "load_config"]
 
 
 @dataclass(frozen=True)
@@ -38,8 +40,13 @@ class ServerConfig:
     #: The one deadline of a shutdown: answering every send in flight, ending
     #: every reply, closing every client with 1001 and then the pools.
     shutdown_grace: float = 5.0
-    #: Anonymous identities via ``{"op":"hello","user":...}``.
-    allow_anonymous: bool = True
+    #: Browser origins allowed to connect (``Origin`` header), e.g.
+    #: "https://chat.example.com"; the server's own origin always is, clients
+    #: that send no Origin (not browsers) always are. "*" allows every origin.
+    allowed_origins: tuple[str, ...] = ()
+    #: TLS (wss://): a PEM certificate chain and its key; both or neither.
+    tls_cert: str = ""
+    tls_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,76 @@ class RelayConfig:
     publish_queue: int = 1024
     #: VACUUM the outbox after this many rows left it (0: leave it to autovacuum).
     vacuum_every: int = 20000
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Who a client is, and what it may do."""
+
+    #: "anonymous" (development: a client names itself and may do anything
+    #: but operator ops) or "jwt" (a signed token says who, and its grants what).
+    mode: str = "anonymous"
+    #: Signing algorithms accepted, pinned: HS256/384/512 with ``secret``,
+    #: RS*/ES*/PS*/EdDSA with ``public_key_file`` or ``jwks_url``; never mixed.
+    algorithms: tuple[str, ...] = ("HS256",)
+    #: The HMAC secret (at least 32 bytes); prefer the CHATD_AUTH_SECRET environment variable.
+    secret: str = ""
+    public_key_file: str = ""
+    #: A JWKS document to take keys from (by ``kid``), fetched with a deadline and cached.
+    jwks_url: str = ""
+    jwks_refresh: float = 300.0
+    jwks_timeout: float = 5.0
+    #: When set, tokens must carry exactly this ``iss`` / this ``aud``.
+    issuer: str = ""
+    audience: str = ""
+    #: Clock skew tolerated on ``exp`` and ``nbf``, in seconds.
+    leeway: float = 30.0
+    #: The claim holding the token's grants: {"convs": {"id" or "prefix*": "r"|"w"|"rw"},
+    #: "operator": true}.
+    grants_claim: str = "chatd"
+    #: Anonymous mode on a non-loopback address is refused unless this is true.
+    allow_remote_anonymous: bool = False
+    #: Anonymous users allowed the operator ops (``status``); jwt mode: the token says.
+    anonymous_operators: tuple[str, ...] = ()
+    #: Conversation memberships (``chatd grant``) are re-read this often: a revoked
+    #: member loses a live subscription within this bound.
+    membership_ttl: float = 5.0
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """What one client may spend; each refusal is counted in ``status``."""
+
+    #: Sends per second per connection, sustained (0: no limit), and the burst above it.
+    send_rate: float = 20.0
+    send_burst: int = 100
+    #: Reads per second per connection (0: no limit), and the burst (room for a
+    #: reconnecting client resubscribing to all its conversations). A subscribe
+    #: costs one; a history page one per 50 messages it asks for.
+    read_rate: float = 10.0
+    read_burst: int = 120
+    #: History pages read from Postgres at once in this process; the rest wait
+    #: their turn, so commits always find a pool connection.
+    history_in_flight: int = 4
+    #: Frames of any kind per second per connection, and the burst. Past them the
+    #: server stops reading that connection until the budget refills (no answer:
+    #: TCP holds the client back), so no client takes more than its share of CPU.
+    frame_rate: float = 100.0
+    frame_burst: int = 400
+    #: Replies generating at once for one connection / one user (in this process).
+    replies_per_connection: int = 2
+    replies_per_user: int = 4
+    #: Connections to this process in all, and from one address (refused at the handshake).
+    max_connections: int = 10000
+    connections_per_address: int = 256
+    #: The server pings every client this often; no pong within ``ping_timeout``:
+    #: the peer is dead and its session ends (0: no keepalive).
+    ping_interval: float = 20.0
+    ping_timeout: float = 20.0
+    #: A batch of frames not written within this: the client is too slow (4008).
+    write_timeout: float = 10.0
+    #: Refusals logged per minute at most (the rest are counted).
+    logged_refusals_per_minute: int = 30
 
 
 @dataclass(frozen=True)
@@ -175,6 +252,8 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     relay: RelayConfig = field(default_factory=RelayConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     streams: StreamsConfig = field(default_factory=StreamsConfig)
@@ -188,14 +267,13 @@ class Config:
         return replace(self, postgres=pg, redis=rd)
 
 
-_LOG_LEVELS = ("debug", "info", "warning", "error")
-
 #: Environment variables that may override a DSN (operators keep secrets out of files).
 ENV_OVERRIDES = {
     "CHATD_POSTGRES_DSN": ("postgres", "dsn"),
     "CHATD_REDIS_URL": ("redis", "url"),
     "CHATD_MODEL_API_KEY": ("model", "api_key"),
     "CHATD_ADMIN_TOKEN": ("chaos", "admin_token"),
+    "CHATD_AUTH_SECRET": ("auth", "secret"),
 }
 
 
@@ -203,6 +281,7 @@ ENV_OVERRIDES = {
 _MOVED = {
     ("relay", "backoff_min"): "[retry].backoff_min",
     ("relay", "backoff_max"): "[retry].backoff_max",
+    ("server", "allow_anonymous"): '[auth].mode ("anonymous" or "jwt")',
 }
 
 
@@ -228,6 +307,10 @@ def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{name} must be a string, got {value!r}")
         return value
+    if isinstance(default, tuple):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{name} must be a list of strings, got {value!r}")
+        return tuple(value)
     raise AssertionError(f"unsupported config type for {name}")  # pragma: no cover
 
 
@@ -252,59 +335,8 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
             kwargs[key] = _coerce(section, key, value, getattr(defaults, key))
         sections[section] = cls(**kwargs)
     config = Config(**sections)
-    _validate(config)
+    validate(config)
     return config
-
-
-def _validate(config: Config) -> None:
-    checks = [
-        (config.server.port <= 65535, "[server].port must be 0..65535"),
-        (config.server.max_frame_bytes >= 1024, "[server].max_frame_bytes must be at least 1024"),
-        (config.server.max_text_chars >= 1, "[server].max_text_chars must be at least 1"),
-        (config.server.send_queue_frames >= 8, "[server].send_queue_frames must be at least 8"),
-        (config.server.max_inflight_sends >= 1, "[server].max_inflight_sends must be at least 1"),
-        (config.postgres.pool_max >= 2, "[postgres].pool_max must be at least 2"),
-        (
-            config.postgres.pool_min <= config.postgres.pool_max,
-            "[postgres].pool_min must not exceed [postgres].pool_max",
-        ),
-        (config.postgres.command_timeout > 0, "[postgres].command_timeout must be positive"),
-        (config.redis.command_timeout > 0, "[redis].command_timeout must be positive"),
-        (config.store.group_commit_max >= 1, "[store].group_commit_max must be at least 1"),
-        (config.relay.batch >= 1, "[relay].batch must be at least 1"),
-        (config.relay.poll_interval > 0, "[relay].poll_interval must be positive"),
-        (config.relay.claim_after > 0, "[relay].claim_after must be positive"),
-        (config.relay.publish_queue >= 1, "[relay].publish_queue must be at least 1"),
-        (config.retry.backoff_min > 0, "[retry].backoff_min must be positive"),
-        (
-            config.retry.backoff_max >= config.retry.backoff_min,
-            "[retry].backoff_max must not be less than [retry].backoff_min",
-        ),
-        (config.server.shutdown_grace >= 1, "[server].shutdown_grace must be at least 1 second"),
-        (
-            config.model.backend in ("fake", "openai"),
-            '[model].backend must be "fake" or "openai"',
-        ),
-        (
-            config.model.backend != "openai" or bool(config.model.model),
-            "[model].model must name the model when [model].backend is openai",
-        ),
-        (config.model.context_messages >= 1, "[model].context_messages must be at least 1"),
-        (config.streams.max_streams >= 1, "[streams].max_streams must be at least 1"),
-        (config.streams.partial_ttl >= 1, "[streams].partial_ttl must be at least 1"),
-        (config.streams.max_duration > 0, "[streams].max_duration must be positive"),
-        (bool(config.streams.assistant_user), "[streams].assistant_user must not be empty"),
-        (config.chaos.port <= 65535, "[chaos].port must be 0..65535"),
-        (
-            not config.chaos.enabled or len(config.chaos.admin_token) >= 16,
-            "[chaos].admin_token must be set (at least 16 characters) when [chaos].enabled is "
-            "true; prefer the CHATD_ADMIN_TOKEN environment variable",
-        ),
-        (config.log.level in _LOG_LEVELS, f"[log].level must be one of {', '.join(_LOG_LEVELS)}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
 
 
 def load_config(path: str | Path | None, env: Mapping[str, str]) -> Config:
@@ -329,7 +361,11 @@ def load_config(path: str | Path | None, env: Mapping[str, str]) -> Config:
 def as_dict(config: Config) -> dict[str, Any]:
     """The configuration as plain data (for ``chatd config`` and logs); secrets masked."""
     data = dataclasses.asdict(config)
-    for section, key in (("model", "api_key"), ("chaos", "admin_token")):
+    for section, key in _SECRETS:
         if data[section][key]:
             data[section][key] = "***"
     return data
+
+
+#: Keys whose values are never printed or logged.
+_SECRETS = (("model", "api_key"), ("chaos", "admin_token"), ("auth", "secret"))

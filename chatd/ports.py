@@ -6,7 +6,8 @@ The engine (``chatd.engine``) never imports a driver. It talks to
   production, :mod:`chatd.adapters.memory_log` in fast tests),
 * a :class:`Transport` — a disposable fan-out and the token lane's partials
   (Redis, or :mod:`chatd.adapters.memory_transport`),
-* a :class:`Connection` — one client (a WebSocket, or an in-memory pair).
+* a :class:`Connection` — one client (a WebSocket, or an in-memory pair),
+* a :class:`KeySource` — the keys tokens are verified with.
 
 Every method that does I/O has a deadline inside the adapter and raises only
 chatd's own errors: :class:`~chatd.errors.StoreUnavailable` /
@@ -92,6 +93,19 @@ class Log(Protocol):
         """``outbox_rows`` and ``outbox_oldest_s``, for operators."""
         ...
 
+    async def memberships(self, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], str]:
+        """The rights (``"r"``, ``"w"``, ``"rw"``) of each ``(conv, user)`` that has a
+        membership row; pairs without one are absent."""
+        ...
+
+    async def set_membership(self, conv: str, user: str, rights: str) -> None:
+        """Give ``user`` exactly ``rights`` on ``conv`` (``""``: remove the row)."""
+        ...
+
+    async def members(self, conv: str) -> dict[str, str]:
+        """Every membership row of ``conv``: user -> rights."""
+        ...
+
 
 class Transport(Protocol):
     """Redis's job: a disposable transport that holds no truth.
@@ -163,8 +177,25 @@ class Connection(Protocol):
         """Close with ``code`` (at most a short bounded wait for the peer)."""
         ...
 
+    async def abort(self) -> None:
+        """Drop the connection without a close frame (the stream is unusable)."""
+        ...
+
+    async def ping(self) -> None:
+        """Ping the peer and return once it answered (the caller bounds the wait)."""
+        ...
+
     @property
     def is_closed(self) -> bool: ...
+
+
+class KeySource(Protocol):
+    """Where token signatures are checked against: a secret, a public key, or a JWKS."""
+
+    async def key(self, kid: str | None, alg: str) -> Any:
+        """The key verifying a token whose header names ``kid`` and ``alg``; raises
+        :class:`chatd.tokens.TokenError` if there is none."""
+        ...
 
 
 class ConnectionGone(Exception):

@@ -18,14 +18,18 @@ PROTOCOL_VERSION = 1
 #: ``[server].max_frame_bytes`` is closed with 1009 by trio-websocket itself).
 CLOSE_SLOW_CONSUMER = 4008
 CLOSE_HELLO_TIMEOUT = 4001
+CLOSE_TOKEN_EXPIRED = 4003
+CLOSE_NO_PONG = 4009
 CLOSE_GOING_AWAY = 1001
 
 _CONV = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
 _IDENT_MAX = 128
 _USER_MAX = 64
+_TOKEN_MAX = 8192
 
 OPS = (
     "hello",
+    "refresh",
     "subscribe",
     "unsubscribe",
     "send",
@@ -41,13 +45,15 @@ _MAX_STREAM_OFFSETS = 64
 
 
 class ProtocolError(Exception):
-    """A bad client frame: ``code`` is stable, ``message`` says what is wrong."""
+    """A refused client frame: ``code`` is stable, ``message`` says what is wrong;
+    ``extra`` fields go into the error frame (``conv``, ``retry_after_ms``...)."""
 
-    def __init__(self, code: str, message: str, ref: Any = None) -> None:
+    def __init__(self, code: str, message: str, ref: Any = None, **extra: Any) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.ref = ref
+        self.extra = extra
 
 
 @dataclass(frozen=True)
@@ -113,6 +119,9 @@ def _string(
             f"field '{name}' is too long ({len(value)} > {max_len} characters)",
             ref,
         )
+    if "\x00" in value:
+        # Postgres cannot store U+0000: refused here, before it reaches a commit.
+        raise ProtocolError("bad_field", f"field '{name}' must not contain U+0000", ref)
     return value
 
 
@@ -131,15 +140,19 @@ def _int(
     return value
 
 
+_CONV_RULE = "a conversation id has 1-128 letters, digits and . _ : @ -"
+
+
+def conv_error(conv: str) -> str | None:
+    """Why ``conv`` is not a conversation id, or None."""
+    return None if _CONV.match(conv) else _CONV_RULE
+
+
 def _conv(obj: dict[str, Any], ref: Any) -> str:
     conv = _string(obj, "conv", ref, 128)
     assert conv is not None
     if not _CONV.match(conv):
-        raise ProtocolError(
-            "bad_field",
-            "field 'conv' may contain only letters, digits and . _ : @ - (1-128 characters)",
-            ref,
-        )
+        raise ProtocolError("bad_field", f"field 'conv': {_CONV_RULE}", ref)
     return conv
 
 
@@ -156,8 +169,12 @@ def _stream_offsets(obj: dict[str, Any], ref: Any) -> dict[str, int]:
             "bad_field", f"field 'streams' may name at most {_MAX_STREAM_OFFSETS} streams", ref
         )
     for key, offset in value.items():
-        if len(key) > _IDENT_MAX:
-            raise ProtocolError("bad_field", "a stream id in 'streams' is too long", ref)
+        if not key or len(key) > _IDENT_MAX or "\x00" in key:
+            raise ProtocolError(
+                "bad_field",
+                "a stream id in 'streams' must be 1-128 characters without U+0000",
+                ref,
+            )
         if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < 2**31:
             raise ProtocolError(
                 "bad_field", f"offset of stream {key[:64]!r} must be a non-negative integer", ref
@@ -195,9 +212,11 @@ def parse(data: str | bytes, limits: Limits) -> Request:
     fields: dict[str, Any] = {}
     if op == "hello":
         fields["user"] = _string(obj, "user", ref, _USER_MAX, required=False)
-        fields["token"] = _string(obj, "token", ref, 4096, required=False)
+        fields["token"] = _string(obj, "token", ref, _TOKEN_MAX, required=False)
         if fields["user"] is None and fields["token"] is None:
             raise ProtocolError("bad_field", "hello needs 'user' or 'token'", ref)
+    elif op == "refresh":
+        fields["token"] = _string(obj, "token", ref, _TOKEN_MAX)
     elif op == "subscribe":
         fields["conv"] = _conv(obj, ref)
         fields["after"] = _int(obj, "after", ref, minimum=0)

@@ -19,21 +19,25 @@ Nothing ``serve()`` started outlives it.
 from __future__ import annotations
 
 import logging
+import ssl
 from dataclasses import dataclass, field
 
 import trio
 from trio_websocket import WebSocketRequest, WebSocketServer, serve_websocket
 
 from chatd.adapters.bridge import open_bridge
+from chatd.adapters.keys import open_keys
 from chatd.adapters.postgres import PostgresLog, open_postgres_log
 from chatd.adapters.redis_transport import RedisTransport, open_redis_transport
-from chatd.adapters.websocket import WsConnection
+from chatd.adapters.websocket import WsConnection, handshake_headers
 from chatd.admin import serve_admin
 from chatd.chaos import Chaos
-from chatd.config import Config
+from chatd.config import Config, ConfigError, ServerConfig
 from chatd.engine.engine import Engine, open_engine
 from chatd.model import open_model
+from chatd.ports import KeySource
 from chatd.shutdown import ShutdownClock
+from chatd.tokens import TokenVerifier
 
 log = logging.getLogger("chatd.server")
 
@@ -74,7 +78,8 @@ class Server:
 
     @property
     def url(self) -> str:
-        return f"ws://{self.config.server.host}:{self.port}/"
+        scheme = "wss" if self.config.server.tls_cert else "ws"
+        return f"{scheme}://{self.config.server.host}:{self.port}/"
 
     def shutdown(self) -> None:
         """Begin the orderly shutdown; ``serve()`` returns when it is done."""
@@ -94,6 +99,12 @@ async def serve(
         )
     chaos = chaos or Chaos()
     shutdown = ShutdownClock(config.server.shutdown_grace)
+    ssl_context = _tls(config.server)
+    if config.auth.mode == "anonymous":
+        log.warning(
+            "anonymous mode: clients name themselves and may read and write every "
+            'conversation (development only; [auth].mode = "jwt" for real users)'
+        )
     async with (
         open_bridge(
             chaos,
@@ -103,15 +114,22 @@ async def serve(
         open_postgres_log(bridge, config.postgres, shutdown=shutdown) as pglog,
         open_redis_transport(bridge, config.redis, shutdown=shutdown) as transport,
         open_model(config.model) as model,
+        open_keys(config.auth) as keys,
         open_engine(
-            config, log=pglog, transport=transport, model=model, chaos=chaos, shutdown=shutdown
+            config,
+            log=pglog,
+            transport=transport,
+            model=model,
+            chaos=chaos,
+            shutdown=shutdown,
+            verifier=_verifier(config, keys),
         ) as engine,
         trio.open_nursery() as handlers,
     ):
         server = Server(config, engine)
         try:
             async with trio.open_nursery() as accept:
-                server.listener = await accept.start(_listen, server, handlers)
+                server.listener = await accept.start(_listen, server, handlers, ssl_context)
                 if config.chaos.enabled:
                     server.admin_port = await accept.start(serve_admin, server)
                 log.info("chatd listening on %s", server.url)
@@ -126,23 +144,52 @@ async def serve(
         handlers.cancel_scope.deadline = shutdown.deadline_of("close")
 
 
+def _tls(cfg: ServerConfig) -> ssl.SSLContext | None:
+    if not cfg.tls_cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"[server].tls_cert / tls_key: {exc}") from None
+    return context
+
+
+def _verifier(config: Config, keys: KeySource) -> TokenVerifier | None:
+    if config.auth.mode != "jwt":
+        return None
+    return TokenVerifier(config.auth, keys, (config.streams.assistant_user,))
+
+
 async def _listen(
     server: Server,
     handlers: trio.Nursery,
+    ssl_context: ssl.SSLContext | None,
     *,
     task_status: trio.TaskStatus[WebSocketServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     cfg = server.config.server
+    gate = server.engine.gate
 
     async def handle(request: WebSocketRequest) -> None:
-        ws = await request.accept()
-        await server.engine.run_session(WsConnection(ws))
+        address, origin, host = handshake_headers(request)
+        refusal = gate.admit(address, origin, host)
+        if refusal is not None:
+            server.engine.refusals.refuse("handshake", str(address), refusal)
+            await request.reject(403 if "origin" in refusal else 503, body=refusal.encode())
+            return
+        try:
+            ws = await request.accept()
+            await server.engine.run_session(WsConnection(ws))
+        finally:
+            gate.release(address)
 
     await serve_websocket(
         handle,
         cfg.host,
         cfg.port,
-        ssl_context=None,
+        ssl_context=ssl_context,
         handler_nursery=handlers,
         max_message_size=cfg.max_frame_bytes,
         connect_timeout=_CONNECT_TIMEOUT,

@@ -70,6 +70,15 @@ def make_config(pg: PostgresServer, rs: RedisServer, **sections: dict[str, Any])
         "redis": {"url": rs.url, "command_timeout": 1.0, "connect_timeout": 1.0},
         "relay": {"poll_interval": 0.5},
         "retry": {"backoff_max": 0.5},
+        # Tests drive connections far past a user's pace; the limits have tests of their own.
+        "limits": {
+            "send_rate": 0,
+            "read_rate": 0,
+            "frame_rate": 0,
+            "replies_per_connection": 1000,
+            "replies_per_user": 1000,
+        },
+        "auth": {"anonymous_operators": ["ops"]},
     }
     for section, values in sections.items():
         data.setdefault(section, {}).update(values)

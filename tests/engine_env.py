@@ -22,6 +22,7 @@ import trio
 import trio.testing
 
 from chatd.adapters.bridge import open_bridge
+from chatd.adapters.keys import open_keys
 from chatd.adapters.memory_connection import memory_connection_pair
 from chatd.adapters.memory_log import MemoryDatabase, MemoryLog
 from chatd.adapters.memory_transport import MemoryBroker, MemoryTransport
@@ -32,6 +33,7 @@ from chatd.config import Config, config_from_dict
 from chatd.engine.engine import Engine, open_engine
 from chatd.model import open_model
 from chatd.shutdown import ShutdownClock
+from chatd.tokens import TokenVerifier
 from tests.client import Client
 
 
@@ -47,12 +49,20 @@ class Running:
     stopped: trio.Event
     clients: list[Client] = field(default_factory=list)
 
-    async def connect(self, user: str | None = "alice", capacity: int = 1000) -> Client:
+    async def connect(
+        self, user: str | None = "alice", capacity: int = 1000, token: str | None = None
+    ) -> Client:
+        """A client over an in-memory connection; says hello with ``token`` (jwt mode)
+        or as ``user`` (anonymous mode) unless both are None."""
         server_side, client_side = memory_connection_pair(capacity, remote=f"memory:{user}")
         self.sessions.start_soon(self.engine.run_session, server_side)
         client = Client(client_side)
+        client.server_side = server_side
         self.clients.append(client)
-        if user is not None:
+        if token is not None:
+            reply = await client.request({"op": "hello", "token": token}, "welcome")
+            assert reply["type"] == "welcome", reply
+        elif user is not None:
             await client.hello(user)
         return client
 
@@ -84,6 +94,13 @@ class Env:
             "relay": {"poll_interval": 0.3},
             "retry": {"backoff_max": 0.3},
             "model": {"fake_tokens": 20, "fake_token_rate": 100.0},
+            "limits": {
+                "send_rate": 0,
+                "read_rate": 0,
+                "frame_rate": 0,
+                "replies_per_connection": 1000,
+                "replies_per_user": 1000,
+            },
         }
         for section, values in sections.items():
             data.setdefault(section, {}).update(values)
@@ -98,9 +115,19 @@ class Env:
         shutdown = ShutdownClock(config.server.shutdown_grace)
         async with AsyncExitStack() as stack, self._adapters(config, chaos, stack) as (log, tr):
             model = await stack.enter_async_context(open_model(config.model))
+            keys = await stack.enter_async_context(open_keys(config.auth))
+            verifier = None
+            if config.auth.mode == "jwt":
+                verifier = TokenVerifier(config.auth, keys, (config.streams.assistant_user,))
             engine = await stack.enter_async_context(
                 open_engine(
-                    config, log=log, transport=tr, model=model, chaos=chaos, shutdown=shutdown
+                    config,
+                    log=log,
+                    transport=tr,
+                    model=model,
+                    chaos=chaos,
+                    shutdown=shutdown,
+                    verifier=verifier,
                 )
             )
             stop, stopped = trio.Event(), trio.Event()

@@ -110,3 +110,19 @@ async def test_bench_wire_client_closes_its_socket_when_the_handshake_fails(answ
         with trio.fail_after(5):
             await saw_eof.wait()
         nursery.cancel_scope.cancel()
+
+
+async def test_bench_auth_and_abuse(tmp_path):
+    r = await _bench(
+        tmp_path, "auth", "--seconds", "1", "--clients", "4", "--senders", "2", "--convs", "2",
+        "--viewers", "1", "--window", "8",
+    )  # fmt: skip
+    assert {h["errors"] for h in r["handshakes"].values()} == {0}
+    assert all(h["handshakes"] > 0 for h in r["handshakes"].values())
+    assert all(s["acked"] > 0 and s["errors"] == 0 for s in r["sends"].values())
+    r = await _bench(tmp_path, "abuse", "--seconds", "1", "--abusers", "2")
+    phases = r["phases"]
+    assert phases["quiet"]["abuser_sent"] == 0 and phases["quiet"]["pings"] > 0
+    assert phases["poison"]["abuser_refused"] == phases["poison"]["abuser_sent"] > 0
+    assert phases["send flood"]["abuser_refused"] > 0, "the send rate limit refused some"
+    assert phases["connection flood"]["abuser_refused"] > 0, "the per-address cap refused some"

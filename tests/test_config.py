@@ -26,6 +26,14 @@ def test_shipped_config_toml_lists_exactly_the_defaults():
         ({"model": {"backend": "openai"}}, "[model].model"),
         ({"chaos": {"enabled": True}}, "[chaos].admin_token"),
         ({"relay": {"poll_interval": -1}}, "[relay].poll_interval"),
+        ({"relay": {"backoff_max": 1}}, "[retry].backoff_max"),
+        ({"server": {"allow_anonymous": True}}, "[auth].mode"),
+        ({"auth": {"mode": "oauth"}}, "[auth].mode"),
+        ({"auth": {"mode": "jwt"}}, "[auth].secret"),
+        ({"auth": {"mode": "jwt", "secret": "s" * 40, "algorithms": ["HS512"]}}, "[auth].secret"),
+        ({"auth": {"mode": "jwt", "algorithms": ["ES256"]}}, "[auth]"),
+        ({"auth": {"algorithms": "HS256"}}, "[auth].algorithms"),
+        ({"limits": {"send_burst": 0}}, "[limits].send_burst"),
     ],
 )
 def test_bad_config_names_the_key(data, named):
@@ -40,9 +48,12 @@ def test_environment_overrides_and_secrets_are_masked():
             "CHATD_POSTGRES_DSN": "postgresql://x@h/db",
             "CHATD_MODEL_API_KEY": "sk-secret",
             "CHATD_ADMIN_TOKEN": "t" * 20,
+            "CHATD_AUTH_SECRET": "s" * 40,
         },
     )
+    assert cfg.auth.secret == "s" * 40
     assert cfg.postgres.dsn == "postgresql://x@h/db"
     assert cfg.model.api_key == "sk-secret"
     shown = as_dict(cfg)
     assert shown["model"]["api_key"] == "***" and shown["chaos"]["admin_token"] == "***"
+    assert shown["auth"]["secret"] == "***"

@@ -184,3 +184,19 @@ async def test_the_chaos_gate_breaks_calls(logs):
         await log.after(_conv(), 0, 1)
     chaos.heal()
     assert await log.after(_conv(), 0, 1) == []
+
+
+async def test_memberships(logs):
+    log, other, _ = logs
+    c, d = _conv(), _conv()
+    assert await log.memberships([(c, "ann"), (d, "ann")]) == {}
+    await log.set_membership(c, "ann", "rw")
+    await log.set_membership(d, "ann", "r")
+    await other.set_membership(c, "bob", "w")
+    got = await other.memberships([(c, "ann"), (d, "ann"), (c, "bob"), (d, "bob")])
+    assert got == {(c, "ann"): "rw", (d, "ann"): "r", (c, "bob"): "w"}
+    await log.set_membership(c, "ann", "r")  # changed, not added
+    await log.set_membership(d, "ann", "")  # removed
+    assert await log.memberships([(c, "ann"), (d, "ann")]) == {(c, "ann"): "r"}
+    assert await other.members(c) == {"ann": "r", "bob": "w"}
+    assert await other.members(d) == {}

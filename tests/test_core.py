@@ -302,7 +302,10 @@ async def test_unsubscribe_stops_delivery(server, connect, conv):
 
 
 async def test_status_reports_health_and_outbox(server, connect):
-    c = await connect(server)
+    c = await connect(server, "ops")  # an anonymous operator in the test config
     st = await c.request({"op": "status"}, "status")
     assert st["postgres"] == "ok" and st["redis"] == "ok"
     assert isinstance(st["outbox_rows"], int)
+    other = await connect(server, "alice")
+    denied = await other.request({"op": "status"}, "status")
+    assert denied["code"] == "forbidden", "status is for operators"

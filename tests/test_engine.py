@@ -12,6 +12,7 @@ import math
 
 import trio
 
+from chatd.errors import StoreError, StoreUnavailable
 from chatd.ports import ConnectionGone
 from chatd.protocol import encode
 from chatd.records import NewMessage, message_event
@@ -155,32 +156,54 @@ async def test_outcomes_duplicate_and_unavailable(env: Env, clock):
     assert (await _send(c, conv, "later"))["seq"] == 2
 
 
+async def _commit_batch_with_a_bad_message(run, conv: str, n: int, bad: int) -> dict:
+    """Submit ``n`` messages behind a slow first commit, so they form one batch;
+    message ``bad`` holds U+0000, which the log refuses (the protocol refuses it
+    too: this plants it behind the protocol). Returns each one's outcome."""
+    committer = run.engine.committer
+    inbox, outcomes = trio.open_memory_channel(n + 1)
+    await committer.submit(NewMessage(conv, "first", "u", "x"), "first", inbox)
+    await trio.sleep(0.01)  # the first commit is under way; the rest queue behind it
+    for i in range(n):
+        text = "nul \x00 here" if i == bad else f"ok {i}"
+        await committer.submit(NewMessage(conv, f"m{i}", "u", text), i, inbox)
+    got = {}
+    with trio.fail_after(30):
+        while len(got) < n + 1:
+            o = await outcomes.receive()
+            got[o.tag] = o.result
+    return got
+
+
 async def test_a_bad_message_fails_alone_without_replaying_the_batch(env: Env, clock):
     run = await env.start()
     conv = env.conv()
-    c = await run.connect("alice")
     committer = run.engine.committer
     run.chaos.break_for("postgres", 60, latency=0.05)
-    await c.send({"op": "send", "conv": conv, "id": "first", "text": "x", "ref": "first"})
-    await trio.sleep(0.01)  # the first commit is under way; the rest queue behind it
     n = 64
-    for i in range(n):
-        text = "nul \x00 here" if i == 37 else f"ok {i}"
-        await c.send({"op": "send", "conv": conv, "id": f"m{i}", "text": text, "ref": i})
-    answers = {}
-    with trio.fail_after(30):
-        while len(answers) < n + 1:
-            f = await c.recv(timeout=30)
-            if "ref" in f:
-                answers[f["ref"]] = f
+    got = await _commit_batch_with_a_bad_message(run, conv, n, bad=37)
     run.chaos.heal()
-    assert answers[37]["type"] == "error" and answers[37]["code"] == "internal"
-    assert all(answers[i]["type"] == "ack" for i in range(n) if i != 37)
+    assert isinstance(got[37], StoreError)
+    assert all(not isinstance(got[i], Exception) for i in range(n) if i != 37)
     assert committer.isolated == 1
     # Halving: a handful of commits, not one per message.
     assert committer.batches <= 2 + 2 * math.ceil(math.log2(n)), committer.batches
     rows = await run.engine.log.after(conv, 0, 100)
     assert [m["seq"] for m in rows] == list(range(1, n + 1)), "gapless, the bad one absent"
+
+
+async def test_every_message_is_answered_when_isolation_outlasts_its_bound(env: Env, clock):
+    """The batch's bounded shield expires mid-isolation (each round trip takes 0.6 s,
+    the bound is 1 s + 1 s): what it cut short is answered "unavailable, may or may not
+    have committed", never left waiting."""
+    run = await env.start(postgres={"command_timeout": 1.0})
+    conv = env.conv()
+    run.chaos.break_for("postgres", 60, latency=0.6)
+    got = await _commit_batch_with_a_bad_message(run, conv, 8, bad=0)
+    run.chaos.heal()
+    unknown = [t for t, r in got.items() if isinstance(r, StoreUnavailable)]
+    assert unknown, "the bound expired before isolation ended"
+    assert all("may or may not have committed" in str(got[t]) for t in unknown)
 
 
 # -- replies -------------------------------------------------------------------

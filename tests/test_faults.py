@@ -176,7 +176,7 @@ async def test_client_reconnecting(env, component, kind):
 async def test_hung_servers_never_stall_other_clients(env):
     """SIGSTOP both servers: every call hits its deadline; the event loop keeps serving."""
     srv, faults, connect, conv, _ = env
-    c = await connect(srv, "alice")
+    c = await connect(srv, "ops")  # an operator: the test reads status
     faults.pg.pause()
     faults.redis.pause()
     try:

@@ -26,7 +26,7 @@ BAD_FRAMES = [
     (
         '{"op": "send", "conv": "no spaces", "id": "x", "text": "t"}',
         "bad_field",
-        "field 'conv' may contain",
+        "field 'conv': a conversation id has",
     ),
     ('{"op": "subscribe", "conv": "c", "after": "3"}', "bad_field", "'after' must be an integer"),
     ('{"op": "subscribe", "conv": "c", "after": -1}', "bad_field", "'after' must be between"),

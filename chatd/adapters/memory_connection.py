@@ -30,6 +30,9 @@ class MemoryConnection:
         self.remote = remote
         self.close_code: int | None = None
         self.close_reason = ""
+        #: Set while the peer answers pings; a test clears it to play a dead peer.
+        self.pongs = trio.Event()
+        self.pongs.set()
 
     async def get_message(self) -> str | bytes:
         try:
@@ -50,6 +53,13 @@ class MemoryConnection:
         self._outgoing.close()
         self._incoming.close()
         await trio.lowlevel.checkpoint()
+
+    async def abort(self) -> None:
+        await self.aclose(1006, "aborted")
+
+    async def ping(self) -> None:
+        # The client side answers pings by itself unless it has stopped.
+        await self.pongs.wait()
 
     @property
     def is_closed(self) -> bool:

@@ -62,6 +62,8 @@ class MemoryDatabase:
         self.claimed: set[int] = set()
         self.next_outbox_id = 1
         self.listeners: list[MemoryLog] = []
+        #: (conv, user) -> rights
+        self.members: dict[tuple[str, str], str] = {}
 
     def now_ms(self) -> int:
         # Commit timestamps on Trio's clock: reproducible under a mock clock.
@@ -258,6 +260,25 @@ class MemoryLog:
 
     async def stats(self) -> dict[str, Any]:
         return await self._call(self._stats)
+
+    async def memberships(self, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], str]:
+        return await self._call(
+            lambda: {p: self.db.members[p] for p in pairs if p in self.db.members}
+        )
+
+    async def set_membership(self, conv: str, user: str, rights: str) -> None:
+        def _set() -> None:
+            if rights:
+                self.db.members[(conv, user)] = "".join(r for r in "rw" if r in rights)
+            else:
+                self.db.members.pop((conv, user), None)
+
+        await self._call(_set)
+
+    async def members(self, conv: str) -> dict[str, str]:
+        return await self._call(
+            lambda: {u: r for (c, u), r in self.db.members.items() if c == conv}
+        )
 
     def _stats(self) -> dict[str, Any]:
         oldest = min((r.created_at for r in self.db.outbox.values()), default=None)

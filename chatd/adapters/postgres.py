@@ -1,5 +1,8 @@
 """The :class:`~chatd.ports.Log` on PostgreSQL (asyncpg, through the bridge).
 
+The relay's queries are in :mod:`.postgres_outbox`, the membership queries in
+:mod:`.postgres_members`; this module has the pool, the commit and the reads.
+
 Round trips: a group commit is one call of the ``chatd_commit()`` SQL function
 (migration 0004); snapshots for every client joining a conversation together
 are one call of ``chatd_snapshot()`` (0003); a sweep claims, then commits or
@@ -8,12 +11,10 @@ rolls back: two. Functions prefixed ``_aio_`` run on the asyncio side.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,6 +23,14 @@ import trio
 
 from chatd.adapters import schema
 from chatd.adapters.bridge import Bridge
+from chatd.adapters.postgres_members import aio_members, aio_memberships, aio_set_membership
+from chatd.adapters.postgres_outbox import (
+    Listener,
+    aio_claim,
+    aio_notify,
+    aio_stats,
+    aio_vacuum,
+)
 from chatd.backoff import Backoff
 from chatd.config import PostgresConfig
 from chatd.errors import StoreUnavailable
@@ -37,7 +46,6 @@ from chatd.shutdown import ShutdownClock
 
 log = logging.getLogger("chatd.postgres")
 
-NOTIFY_CHANNEL = "chatd_outbox"
 _COLUMNS = "seq, client_id, user_id, role, status, body, created_at"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
@@ -176,119 +184,6 @@ async def _aio_history(
     return [message_dict(r) for r in reversed(rows)]
 
 
-async def _aio_stats(pool: asyncpg.Pool) -> dict[str, Any]:
-    row = await pool.fetchrow(
-        "SELECT count(*) AS outbox, "
-        "coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest "
-        "FROM outbox"
-    )
-    return {"outbox_rows": row["outbox"], "outbox_oldest_s": round(row["oldest"], 3)}
-
-
-async def _aio_notify(pool: asyncpg.Pool) -> None:
-    await pool.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
-
-
-async def _aio_vacuum(pool: asyncpg.Pool) -> None:
-    # SKIP_LOCKED: another process's relay vacuuming it right now is as good.
-    await pool.execute("VACUUM (SKIP_LOCKED) outbox")
-
-
-# -- the sweep's claim: a transaction held across two crossings ---------------
-
-
-@dataclass
-class _Claim:
-    """Claimed outbox rows: deleted in a transaction still open (``con`` None: no rows)."""
-
-    events: list[OutboxEvent]
-    pool: asyncpg.Pool
-    con: asyncpg.Connection | None = None
-    tr: Any = None
-
-    async def finish(self, commit: bool) -> None:
-        assert self.con is not None
-        try:
-            if commit:
-                await self.tr.commit()
-            else:
-                await self.tr.rollback()
-        except BaseException:
-            self.con.terminate()  # the transaction dies with the connection
-            raise
-        finally:
-            await self.pool.release(self.con)
-
-    async def abandon(self) -> None:
-        """Nobody will finish this claim (its caller gave up): give the rows back."""
-        if self.con is not None:
-            self.con.terminate()
-            await self.pool.release(self.con)
-
-
-async def _aio_claim(pool: asyncpg.Pool, limit: int, min_age: float) -> _Claim:
-    con = await pool.acquire()
-    try:
-        tr = con.transaction()
-        await tr.start()
-        # Losing this commit in a crash only republishes the rows: no need to wait
-        # for the WAL flush.
-        await con.execute("SET LOCAL synchronous_commit = off")
-        rows = await con.fetch(
-            "DELETE FROM outbox WHERE id IN "
-            "(SELECT id FROM outbox "
-            "WHERE created_at <= statement_timestamp() - make_interval(secs => $2) "
-            "ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) "
-            "RETURNING id, conv_id, payload",
-            limit,
-            min_age,
-        )
-        if not rows:
-            await tr.commit()
-            await pool.release(con)
-            return _Claim([], pool)
-    except BaseException:
-        con.terminate()
-        await pool.release(con)
-        raise
-    events = sorted(
-        (OutboxEvent(r["id"], r["conv_id"], r["payload"]) for r in rows), key=lambda e: e.id
-    )
-    return _Claim(events, pool, con, tr)
-
-
-# -- LISTEN: a connection of its own ----------------------------------------------
-
-
-class _Listener:
-    """A dedicated LISTEN connection; its callback sets an asyncio event (asyncio side)."""
-
-    def __init__(self) -> None:
-        self.con: asyncpg.Connection | None = None
-        self.event: asyncio.Event | None = None
-
-    @property
-    def alive(self) -> bool:
-        return self.con is not None and not self.con.is_closed()
-
-    async def aio_connect(self, dsn: str, connect_timeout: float) -> None:
-        self.event = asyncio.Event()
-        con = await asyncpg.connect(dsn, timeout=connect_timeout)
-        event = self.event
-        await con.add_listener(NOTIFY_CHANNEL, lambda *_: event.set())
-        self.con = con
-
-    async def aio_wait(self) -> None:
-        assert self.event is not None
-        await self.event.wait()
-        self.event.clear()
-
-    async def aio_close(self) -> None:
-        if self.con is not None:
-            con, self.con = self.con, None
-            await con.close(timeout=2.0)
-
-
 class PostgresLog:
     """Postgres access for the engine. Every call crosses through the bridge."""
 
@@ -296,7 +191,7 @@ class PostgresLog:
         self.bridge = bridge
         self.pool = pool
         self._cfg = cfg
-        self._listener = _Listener()
+        self._listener = Listener()
 
     async def commit(
         self, msgs: Sequence[NewMessage], published: Sequence[int], notify: bool
@@ -323,7 +218,7 @@ class PostgresLog:
 
     @asynccontextmanager
     async def claim_outbox(self, limit: int, min_age: float) -> AsyncIterator[list[OutboxEvent]]:
-        claim = await self.bridge.postgres(_aio_claim, self.pool, limit, min_age)
+        claim = await self.bridge.postgres(aio_claim, self.pool, limit, min_age)
         if claim.con is None:
             yield []
             return
@@ -341,7 +236,7 @@ class PostgresLog:
         await self.bridge.postgres(claim.finish, True)
 
     async def notify_relays(self) -> None:
-        await self.bridge.postgres(_aio_notify, self.pool)
+        await self.bridge.postgres(aio_notify, self.pool)
 
     async def wait_for_notify(self) -> None:
         if not self._listener.alive:
@@ -352,10 +247,19 @@ class PostgresLog:
         await self.bridge.postgres(self._listener.aio_wait, deadline=math.inf)
 
     async def vacuum_outbox(self) -> None:
-        await self.bridge.postgres(_aio_vacuum, self.pool)
+        await self.bridge.postgres(aio_vacuum, self.pool)
 
     async def stats(self) -> dict[str, Any]:
-        return await self.bridge.postgres(_aio_stats, self.pool)
+        return await self.bridge.postgres(aio_stats, self.pool)
+
+    async def memberships(self, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], str]:
+        return await self.bridge.postgres(aio_memberships, self.pool, pairs)
+
+    async def set_membership(self, conv: str, user: str, rights: str) -> None:
+        await self.bridge.postgres(aio_set_membership, self.pool, conv, user, rights)
+
+    async def members(self, conv: str) -> dict[str, str]:
+        return await self.bridge.postgres(aio_members, self.pool, conv)
 
 
 async def _connect_with_retry(bridge: Bridge, cfg: PostgresConfig) -> asyncpg.Pool:

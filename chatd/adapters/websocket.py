@@ -22,7 +22,7 @@ import logging
 
 import trio
 import trio_websocket
-from trio_websocket import ConnectionClosed, WebSocketConnection
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 from wsproto.connection import ConnectionState
 from wsproto.events import TextMessage
 
@@ -85,6 +85,23 @@ async def _write_frames(ws: WebSocketConnection, frames: list[str]) -> None:
         lock.release()
 
 
+def handshake_headers(request: WebSocketRequest) -> tuple[str, str | None, str | None]:
+    """The peer's address, and the ``Origin`` and ``Host`` headers of its handshake.
+
+    trio-websocket lists every header but ``Host``, which wsproto keeps on its
+    request event (pinned internals again).
+    """
+    remote = request.remote
+    address = str(getattr(remote, "address", remote))
+    origin = None
+    for key, value in request.headers:
+        if key.lower() == b"origin":
+            origin = value.decode("latin-1")
+    event = getattr(request, "_event", None)
+    host = getattr(event, "host", None)
+    return address, origin, host if isinstance(host, str) else None
+
+
 def _gone(exc: ConnectionClosed) -> ConnectionGone:
     reason = exc.reason
     return ConnectionGone(getattr(reason, "code", None), getattr(reason, "reason", "") or "")
@@ -119,6 +136,18 @@ class WsConnection:
 
     async def aclose(self, code: int, reason: str) -> None:
         await self.ws.aclose(code, reason)
+
+    async def abort(self) -> None:
+        if self._fast:
+            await self.ws._abort_web_socket()
+        else:  # pragma: no cover - only on an unpinned install
+            await self.ws.aclose(1006)
+
+    async def ping(self) -> None:
+        try:
+            await self.ws.ping()
+        except ConnectionClosed as exc:
+            raise _gone(exc) from None
 
     @property
     def is_closed(self) -> bool:

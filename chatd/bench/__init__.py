@@ -15,10 +15,12 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from chatd.bench import idle, load, reads, reconnect, sends, stream
+from chatd.bench import abuse, auth, idle, load, reads, reconnect, sends, stream
 from chatd.config import Config
 
 _BENCHES = {
+    "abuse": abuse,
+    "auth": auth,
     "idle": idle,
     "load": load,
     "reads": reads,

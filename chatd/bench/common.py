@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import platform
 import re
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from chatd.config import Config
 
@@ -86,20 +88,55 @@ async def raw_redis_publish(url: str, seconds: float) -> float:
 # -- chatd as a separate process -------------------------------------------------
 
 
+#: What every benchmark's chatd runs with: a load generator is not a user, so
+#: no per-connection limits and deep queues (a benchmark may set them back).
+BENCH_CONFIG: dict[str, dict[str, Any]] = {
+    "server": {
+        "host": "127.0.0.1",
+        "port": 0,
+        "send_queue_frames": 100000,
+        "send_queue_bytes": 268435456,
+        "max_inflight_sends": 1024,
+    },
+    "limits": {
+        "send_rate": 0,
+        "read_rate": 0,
+        "frame_rate": 0,
+        "replies_per_connection": 100000,
+        "replies_per_user": 100000,
+    },
+    "log": {"level": "warning"},
+}
+
+
+def _toml(sections: dict[str, dict[str, Any]]) -> str:
+    out = []
+    for name, values in sections.items():
+        out.append(f"[{name}]")
+        out += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+    return "\n".join(out) + "\n"
+
+
 def start_chatd(
-    config: Config, tmp: Path, extra_toml: str = ""
+    config: Config,
+    tmp: Path,
+    sections: dict[str, dict[str, Any]] | None = None,
+    env: dict[str, str] | None = None,
 ) -> tuple[subprocess.Popen[str], str]:
-    """Run ``chatd serve`` as a child process against the given servers; returns (proc, url)."""
+    """Run ``chatd serve`` as a child process against the given servers; returns (proc, url).
+
+    ``sections`` are merged over :data:`BENCH_CONFIG`.
+    """
+    merged = {name: dict(values) for name, values in BENCH_CONFIG.items()}
+    for name, values in (sections or {}).items():
+        merged.setdefault(name, {}).update(values)
     conf = tmp / "bench.toml"
-    conf.write_text(
-        '[server]\nhost = "127.0.0.1"\nport = 0\nsend_queue_frames = 100000\n'
-        "send_queue_bytes = 268435456\nmax_inflight_sends = 1024\n"
-        '[log]\nlevel = "warning"\n' + extra_toml
-    )
+    conf.write_text(_toml(merged))
     env = {
         **os.environ,
         "CHATD_POSTGRES_DSN": config.postgres.dsn,
         "CHATD_REDIS_URL": config.redis.url,
+        **(env or {}),
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "chatd.cli", "--config", str(conf), "serve"],

@@ -199,7 +199,7 @@ def run(config: Config, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
     results: dict[str, Any] = {"machine": machine(), "args": vars(args) | {"func": None}}
     print(f"machine: {results['machine']}")
-    proc, url = start_chatd(config, tmp, "[streams]\nmax_streams = 1000\n")
+    proc, url = start_chatd(config, tmp, {"streams": {"max_streams": 1000}})
     try:
         print(
             f"chatd at {url}: {args.clients} clients, {args.per_conv} per conversation, "

@@ -120,11 +120,11 @@ def run(config: Config, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     print(f"machine: {results['machine']}")
     print("measuring raw Redis PUBLISH (plain asyncio, same server)...", flush=True)
     raw_redis = asyncio.run(raw_redis_publish(config.redis.url, 3.0))
-    extra = (
-        f"[streams]\nmax_streams = {max(200, args.streams * 2)}\n"
-        f"lane_interval_ms = {args.lane_interval_ms}\n"
-    )
-    proc, url = start_chatd(config, tmp, extra)
+    streams = {
+        "max_streams": max(200, args.streams * 2),
+        "lane_interval_ms": args.lane_interval_ms,
+    }
+    proc, url = start_chatd(config, tmp, {"streams": streams})
     try:
         print(
             f"chatd at {url}: {args.streams} replies x {args.rate:g} tokens/s, "

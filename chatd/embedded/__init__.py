@@ -33,8 +33,11 @@ __all__ = [
 class EmbeddedServices:
     """Context manager: start what the config lacks a DSN for; yields the completed config."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, reuse_running: bool = False) -> None:
         self.config = config
+        #: Use this data directory's Postgres if a running chatd started it (admin
+        #: commands beside ``chatd serve``), rather than starting one.
+        self.reuse_running = reuse_running
         self.postgres: PostgresServer | None = None
         self.redis: RedisServer | None = None
 
@@ -43,18 +46,19 @@ class EmbeddedServices:
         data_dir = Path(cfg.embedded.data_dir)
         try:
             if not cfg.postgres.dsn:
-                self.postgres = PostgresServer(
+                pg = PostgresServer(
                     data_dir,
                     bin_dir=find_pg_bin(cfg.embedded.pg_bin_dir),
                     run_as=_pg_run_user(cfg.embedded.pg_user),
                     start_timeout=cfg.embedded.start_timeout,
                 )
-                self.postgres.start()
-                log.info(
-                    "embedded PostgreSQL on 127.0.0.1:%d (data in %s)",
-                    self.postgres.port,
-                    self.postgres.pgdata,
-                )
+                running = pg.running_dsn() if self.reuse_running else None
+                if running is not None:
+                    cfg = cfg.with_dsns(postgres=running)
+                else:
+                    self.postgres = pg
+                    pg.start()
+                    log.info("embedded PostgreSQL on 127.0.0.1:%d (data in %s)", pg.port, pg.pgdata)
             if not cfg.redis.url:
                 self.redis = RedisServer(
                     data_dir, binary=find_redis_server(cfg.embedded.redis_server)

@@ -236,6 +236,25 @@ class PostgresServer:
                 )
             time.sleep(0.05)
         self.ensure_database("chatd")
+        # Where a running chatd's embedded server is, for other chatd commands
+        # (``chatd grant``) on the same data directory.
+        port_file = self.data_dir / "pg.port"
+        port_file.write_text(f"{self.port}\n")
+        port_file.chmod(0o600)
+
+    def running_dsn(self) -> str | None:
+        """The DSN of this data directory's server if a chatd started it and it still runs."""
+        try:
+            port = int((self.data_dir / "pg.port").read_text())
+        except (OSError, ValueError):
+            return None
+        self.port = port
+        ready = subprocess.run(
+            [str(self.bin_dir / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(port)],
+            capture_output=True,
+            timeout=10,
+        )
+        return self.dsn if ready.returncode == 0 else None
 
     def ensure_database(self, name: str) -> None:
         """Create database ``name`` (a plain identifier) unless it exists."""
@@ -286,6 +305,7 @@ class PostgresServer:
         self.proc.send_signal(sig)
         _wait(self.proc, timeout)
         self.proc = None
+        (self.data_dir / "pg.port").unlink(missing_ok=True)
 
     def pause(self) -> None:
         """SIGSTOP the postmaster and every backend: a hang, not an error."""

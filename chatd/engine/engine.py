@@ -10,7 +10,8 @@ created here:
 
 A client connection is served by :meth:`Engine.run_session` in the caller's
 task. :meth:`Engine.drain` is the orderly shutdown, bounded by the shutdown
-clock's deadline: stop reading from clients, answer every send in flight,
+clock's deadline: take no new work from clients (what they still send is
+answered ``unavailable``: retry elsewhere), answer every send in flight,
 end every reply (its end frame reaches this process's clients too), let the
 feeds settle, then close every client with 1001.
 """
@@ -27,18 +28,22 @@ import trio
 
 from chatd.chaos import Chaos
 from chatd.config import Config
+from chatd.engine.access import Access, open_access
 from chatd.engine.committer import Committer, open_committer
+from chatd.engine.gate import Gate
 from chatd.engine.hub import Hub, open_hub
 from chatd.engine.ops import Services
 from chatd.engine.relay import Relay, open_relay
 from chatd.engine.replies import Replies, open_replies
 from chatd.engine.session import Session, SessionCounters
 from chatd.errors import Unavailable
+from chatd.limits import RefusalLog
 from chatd.model import Model
 from chatd.ports import Connection, Log, Transport
-from chatd.protocol import Limits, ProtocolError, Request
+from chatd.protocol import Limits
 from chatd.records import OutboxEvent
 from chatd.shutdown import ShutdownClock
+from chatd.tokens import TokenVerifier
 
 log = logging.getLogger("chatd.engine")
 
@@ -56,6 +61,8 @@ class Engine:
     relay: Relay
     hub: Hub
     replies: Replies
+    access: Access
+    gate: Gate
     shutdown: ShutdownClock
     sessions: set[Session] = field(default_factory=set)
     counters: SessionCounters = field(default_factory=SessionCounters)
@@ -63,36 +70,44 @@ class Engine:
     def __post_init__(self) -> None:
         cfg = self.config
         self._limits = Limits(cfg.server.max_text_chars, cfg.store.history_max)
+        self.refusals = RefusalLog(log, cfg.limits.logged_refusals_per_minute)
         self._services = Services(
             log=self.log,
             hub=self.hub,
             committer=self.committer,
             replies=self.replies,
             transport=self.transport,
-            identify=self.identify,
+            access=self.access,
+            identify=self.gate.identify,
             status=self.status,
+            refusals=self.refusals,
+            history_slots=trio.Semaphore(cfg.limits.history_in_flight),
         )
 
-    def identify(self, req: Request) -> str:
-        """Resolve a hello to a user name. Token auth plugs in here."""
-        if req.get("token") is not None:
-            raise ProtocolError(
-                "unauthorized", "token authentication is not configured on this server", req.ref
-            )
-        if not self.config.server.allow_anonymous:
-            raise ProtocolError(
-                "unauthorized", "anonymous hello is disabled; send a token", req.ref
-            )
-        return req["user"]
-
     async def run_session(self, conn: Connection) -> None:
-        """Serve one client connection until it ends (in the caller's task)."""
+        """Serve one client connection until it ends (in the caller's task).
+
+        A bug in one session never stops the server: it is logged and that
+        client is closed with 1011.
+        """
+        cfg = self.config
         session = Session(
-            conn, self._services, self.config.server, self._limits, self.shutdown, self.counters
+            conn,
+            self._services,
+            cfg.server,
+            self._limits,
+            cfg.limits,
+            self.shutdown,
+            self.counters,
         )
         self.sessions.add(session)
         try:
             await session.run()
+        except* Exception as group:
+            log.error("session of %s crashed", session.user or conn.remote, exc_info=group)
+            self.counters.crashed += 1
+            with self.shutdown.shield(1.0, "close"):
+                await conn.aclose(1011, "internal error")
         finally:
             self.sessions.discard(session)
 
@@ -101,7 +116,7 @@ class Engine:
         self.shutdown.begin()
         with trio.move_on_at(self.shutdown.deadline) as scope:
             for s in list(self.sessions):
-                s.stop_reading()
+                s.stop_taking_work()
             # The committer still runs: every send in flight gets its real outcome.
             for s in list(self.sessions):
                 await s.sends_answered()
@@ -133,6 +148,13 @@ class Engine:
             "resyncs": self.hub.counters.resyncs,
             "slow_disconnects": self.counters.slow_disconnects,
             "hello_timeouts": self.counters.hello_timeouts,
+            "dead_peers": self.counters.dead_peers,
+            "expired_tokens": self.counters.expired_tokens,
+            "revoked_subscriptions": self.counters.revoked_subscriptions,
+            "sessions_crashed": self.counters.crashed,
+            "throttled_reads": self.counters.throttled,
+            "refusals": dict(self.refusals.counts),
+            "handshakes_refused": dict(self.gate.refused),
             **self.replies.status(),
             "chaos": self.chaos.status(),
         }
@@ -156,6 +178,7 @@ async def open_engine(
     model: Model,
     chaos: Chaos,
     shutdown: ShutdownClock,
+    verifier: TokenVerifier | None = None,
 ) -> AsyncIterator[Engine]:
     """Run the engine's services for the duration of the block.
 
@@ -178,9 +201,11 @@ async def open_engine(
             log, transport, config.relay, config.retry, committer=committer, fresh=fresh_receive
         ) as relay,
         open_hub(log, transport, config.store, config.retry, control=control_send) as hub,
+        open_access(log, config.auth) as access,
         open_replies(
             config.streams,
             config.retry,
+            limits=config.limits,
             context_messages=config.model.context_messages,
             log=log,
             committer=committer,
@@ -191,4 +216,8 @@ async def open_engine(
             control=control_receive,
         ) as replies,
     ):
-        yield Engine(config, chaos, log, transport, committer, relay, hub, replies, shutdown)
+        reserved = (config.streams.assistant_user,)
+        gate = Gate(config.server, config.auth, config.limits, verifier, reserved)
+        yield Engine(
+            config, chaos, log, transport, committer, relay, hub, replies, access, gate, shutdown
+        )

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ import orjson
 import trio
 
 from chatd.backoff import Backoff
-from chatd.config import RetryConfig, StreamsConfig
+from chatd.config import LimitsConfig, RetryConfig, StreamsConfig
 from chatd.engine.committer import Committer
 from chatd.engine.hub import Hub
 from chatd.engine.lane import Lane
@@ -56,6 +57,9 @@ class _Start:
     conv: str
     reply_to: int
     prompt: str
+    #: Who asked: the user, and its connection.
+    user: str
+    owner: int
     answer: trio.MemorySendChannel[str | Exception]
 
 
@@ -67,6 +71,7 @@ class Replies:
         cfg: StreamsConfig,
         retry: RetryConfig,
         *,
+        limits: LimitsConfig,
         context_messages: int,
         log: Log,
         committer: Committer,
@@ -77,6 +82,7 @@ class Replies:
     ) -> None:
         self._cfg = cfg
         self._retry = retry
+        self._limits = limits
         self._context_messages = context_messages
         self._log = log
         self._committer = committer
@@ -87,6 +93,9 @@ class Replies:
         self._starts_send, self._starts = trio.open_memory_channel[_Start](math.inf)
         #: Replies generating or committing in this process.
         self.active: dict[str, Reply] = {}
+        #: Replies running per user and per connection (the supervisor's, like active).
+        self._by_user: Counter[str] = Counter()
+        self._by_owner: Counter[int] = Counter()
         self._changed = trio.Event()
         #: Reply tasks alive (a reply's task outlives its entry in ``active``
         #: while it publishes its end).
@@ -98,15 +107,19 @@ class Replies:
 
     # -- for sessions -----------------------------------------------------
 
-    async def start(self, conv: str, reply_to: int, prompt: str) -> str:
-        """Start a reply to message ``reply_to``; returns its id.
+    async def start(
+        self, conv: str, reply_to: int, prompt: str, *, user: str = "", owner: int = 0
+    ) -> str:
+        """Start a reply to message ``reply_to``, asked by ``user`` on connection
+        ``owner``; returns its id.
 
-        Raises ProtocolError (``too_many_streams``) at the limit, and
+        Raises ProtocolError at a limit (``too_many_streams`` for the process,
+        ``too_many_replies`` for the user or the connection), and
         :class:`ShuttingDown` once the server stops taking replies.
         """
         send, receive = trio.open_memory_channel[str | Exception](1)
         try:
-            self._starts_send.send_nowait(_Start(conv, reply_to, prompt, send))
+            self._starts_send.send_nowait(_Start(conv, reply_to, prompt, user, owner, send))
         except trio.ClosedResourceError:
             raise ShuttingDown("the server is shutting down; no new replies") from None
         try:
@@ -160,15 +173,9 @@ class Replies:
         try:
             async with trio.open_nursery() as replies:
                 async for req in self._starts:
-                    if len(self.active) >= self._cfg.max_streams:
-                        _answer(
-                            req,
-                            ProtocolError(
-                                "too_many_streams",
-                                f"this server is generating {len(self.active)} replies, "
-                                "its limit; retry later",
-                            ),
-                        )
+                    refusal = self._over_a_limit(req)
+                    if refusal is not None:
+                        _answer(req, refusal)
                         continue
                     r = Reply(
                         id=REPLY_ID_PREFIX + secrets.token_hex(8),
@@ -179,9 +186,11 @@ class Replies:
                         started_ms=now_ms(),
                     )
                     self.active[r.id] = r
+                    self._by_user[req.user] += 1
+                    self._by_owner[req.owner] += 1
                     self.started += 1
                     self.lane.mark(r)  # announce it (stream.start) right away
-                    replies.start_soon(self._run, r, name=f"reply {r.id}")
+                    replies.start_soon(self._run, r, req.user, req.owner, name=f"reply {r.id}")
                     _answer(req, r.id)
         finally:
             self._starts_send.close()
@@ -204,12 +213,36 @@ class Replies:
 
     # -- one reply ----------------------------------------------------------
 
-    async def _run(self, r: Reply) -> None:
+    def _over_a_limit(self, req: _Start) -> ProtocolError | None:
+        if len(self.active) >= self._cfg.max_streams:
+            return ProtocolError(
+                "too_many_streams",
+                f"this server is generating {len(self.active)} replies, its limit; retry later",
+            )
+        if self._by_owner[req.owner] >= self._limits.replies_per_connection:
+            return ProtocolError(
+                "too_many_replies",
+                f"at most {self._limits.replies_per_connection} replies at once per "
+                "connection; wait for one to end",
+            )
+        if self._by_user[req.user] >= self._limits.replies_per_user:
+            return ProtocolError(
+                "too_many_replies",
+                f"at most {self._limits.replies_per_user} replies at once per user; "
+                "wait for one to end",
+            )
+        return None
+
+    async def _run(self, r: Reply, user: str, owner: int) -> None:
         self.running += 1
         try:
             await self._lifecycle(r)
         finally:
             self.running -= 1
+            for counts, key in ((self._by_user, user), (self._by_owner, owner)):
+                counts[key] -= 1
+                if counts[key] <= 0:
+                    del counts[key]
 
     async def _lifecycle(self, r: Reply) -> None:
         end: dict[str, Any] | None = None
@@ -268,6 +301,10 @@ class Replies:
         room = self._cfg.max_reply_chars
         async with aclosing(self._model.generate(request)) as tokens:
             async for token in tokens:
+                if "\x00" in token:
+                    # Postgres cannot store U+0000: a model emitting one must not
+                    # make its whole reply uncommittable.
+                    token = token.replace("\x00", "\ufffd")
                 if r.length + len(token) > room:
                     r.append(token[: room - r.length])
                     r.truncated = True
@@ -336,6 +373,7 @@ async def open_replies(
     cfg: StreamsConfig,
     retry: RetryConfig,
     *,
+    limits: LimitsConfig,
     context_messages: int,
     log: Log,
     committer: Committer,
@@ -354,6 +392,7 @@ async def open_replies(
     replies = Replies(
         cfg,
         retry,
+        limits=limits,
         context_messages=context_messages,
         log=log,
         committer=committer,

@@ -4,13 +4,22 @@
   never waits on other clients: a send is submitted to the group committer,
   a subscribe is a request to the hub.
 * The **writer** owns the session's inbox: frames queued by the feeds
-  (:meth:`Session.deliver`) and the outcomes of the sends this session
+  (:meth:`Session.deliver`), the outcomes of the sends this session
   submitted (the committer hands each to :meth:`Session.send_nowait`, as it
-  would to a channel). It turns outcomes into answers (and starts the replies
-  asked for), and sends queued frames, many per socket write. The queue is
-  bounded in frames and bytes: a client that lets it fill is closed with 4008.
+  would to a channel), and subscriptions whose access was revoked
+  (:meth:`Session.revoke`). It turns outcomes into answers (and starts the
+  replies asked for), and sends queued frames, many per socket write, each
+  write within ``[limits].write_timeout``. The queue is bounded in frames and
+  bytes: a client that lets it fill, or does not take a write in time, is
+  closed with 4008.
 
-Shutdown: :meth:`Session.stop_reading`, then (once every send is answered
+Two more tasks when they are needed: the **keepalive** pings the client every
+``[limits].ping_interval`` and ends a session whose peer does not answer
+(4009); the **expiry** watch closes a token's session when the token expires
+without a ``refresh`` (4003).
+
+Shutdown: :meth:`Session.stop_taking_work` (frames still arriving are
+answered ``unavailable``, retry elsewhere), then (once every send is answered
 and the replies have ended) :meth:`Session.close`, which flushes the queue
 and closes with 1001. When the session is cancelled instead, its sends are
 still answered and the close still sent, within the shutdown's deadline.
@@ -26,14 +35,19 @@ from typing import Any
 
 import trio
 
-from chatd.config import ServerConfig
+from chatd.config import LimitsConfig, ServerConfig
+from chatd.engine import answers
 from chatd.engine.ops import OPS, SendTag, Services
 from chatd.errors import Unavailable
+from chatd.identity import Identity
+from chatd.limits import TokenBucket
 from chatd.ports import Connection, ConnectionGone
 from chatd.protocol import (
     CLOSE_GOING_AWAY,
     CLOSE_HELLO_TIMEOUT,
+    CLOSE_NO_PONG,
     CLOSE_SLOW_CONSUMER,
+    CLOSE_TOKEN_EXPIRED,
     Limits,
     ProtocolError,
     encode,
@@ -60,6 +74,12 @@ class SessionCounters:
 
     slow_disconnects: int = 0
     hello_timeouts: int = 0
+    dead_peers: int = 0
+    expired_tokens: int = 0
+    revoked_subscriptions: int = 0
+    crashed: int = 0
+    #: Times a client over its frame budget was not read from for a while.
+    throttled: int = 0
 
 
 class Session:
@@ -71,6 +91,7 @@ class Session:
         services: Services,
         cfg: ServerConfig,
         limits: Limits,
+        spend: LimitsConfig,
         shutdown: ShutdownClock,
         counters: SessionCounters,
     ) -> None:
@@ -78,11 +99,17 @@ class Session:
         self.services = services
         self.cfg = cfg
         self.limits = limits
+        self._spend = spend
         self._shutdown = shutdown
         self._counters = counters
         self.id = next(_ids)
-        self.user = ""
+        self.identity: Identity | None = None
+        self.sends = TokenBucket(spend.send_rate, spend.send_burst)
+        self.reads = TokenBucket(spend.read_rate, spend.read_burst)
+        self._frames = TokenBucket(spend.frame_rate, spend.frame_burst)
         self.subscriptions: set[str] = set()
+        #: Subscriptions whose read access was revoked, for the writer to end.
+        self._revoked: deque[str] = deque()
         self._queue: deque[str] = deque()
         self._queued_bytes = 0
         self._wakeup = trio.Event()
@@ -95,8 +122,11 @@ class Session:
         self._close_code: int | None = None
         self._close_reason = ""
         self._graceful = False
+        #: The stream cannot carry a close frame (a write cut mid-frame, a dead peer).
+        self._aborted = False
         self._scope: trio.CancelScope | None = None
-        self._reader_scope = trio.CancelScope()
+        #: Shutting down: frames still read are answered "unavailable", not served.
+        self._draining = False
 
     # -- outbound ---------------------------------------------------------
 
@@ -122,6 +152,21 @@ class Session:
         self._wakeup.set()
         return True
 
+    @property
+    def user(self) -> str:
+        return self.identity.user if self.identity is not None else ""
+
+    def revoke(self, conv: str) -> None:
+        """Access to ``conv`` is gone: the writer ends the subscription (never blocks)."""
+        self._revoked.append(conv)
+        self._wakeup.set()
+
+    def leave(self, conv: str) -> None:
+        """End the subscription to ``conv`` (the client is told by the caller)."""
+        self.subscriptions.discard(conv)
+        self.services.hub.leave(self, conv)
+        self.services.access.unwatch(self, conv)
+
     def send_nowait(self, outcome: Outcome) -> None:
         """The committer hands over a send's outcome (the session's inbox, never blocks)."""
         self._outcomes.append(outcome)
@@ -135,8 +180,7 @@ class Session:
     def subscription_failed(self, conv: str) -> None:
         # The client was told (an error frame); it may subscribe again.
         if conv in self.subscriptions:
-            self.subscriptions.discard(conv)
-            self.services.hub.leave(self, conv)
+            self.leave(conv)
 
     def _drop(self, code: int, reason: str) -> None:
         """Close with ``code`` now: the writer finishes the frame in flight (cutting
@@ -153,9 +197,10 @@ class Session:
 
     # -- shutdown, from the server ------------------------------------------
 
-    def stop_reading(self) -> None:
-        """Take no more frames from the client (sends in flight are still answered)."""
-        self._reader_scope.cancel()
+    def stop_taking_work(self) -> None:
+        """Shutting down: every frame read from now on is answered ``unavailable``
+        (retry elsewhere) instead of served; sends in flight are still answered."""
+        self._draining = True
 
     @property
     def sends_in_flight(self) -> int:
@@ -182,6 +227,8 @@ class Session:
             with trio.CancelScope() as self._scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._reader, nursery)
+                    if self._spend.ping_interval > 0:
+                        nursery.start_soon(self._keepalive)
                     await self._writer()
                     nursery.cancel_scope.cancel()
         except* ConnectionGone:
@@ -190,11 +237,15 @@ class Session:
             for conv in list(self.subscriptions):
                 self.services.hub.leave(self, conv)
             self.subscriptions.clear()
+            self.services.access.unwatch(self)
             if not self.conn.is_closed:
                 await self._last_words()
 
     async def _last_words(self) -> None:
         """Answer the sends still in flight, flush, close: within the shutdown's deadline."""
+        if self._aborted:
+            await self.conn.abort()
+            return
         with self._shutdown.shield(_DROP_GRACE, "close"):
             try:
                 while self.sends_in_flight and self._close_code != CLOSE_SLOW_CONSUMER:
@@ -223,6 +274,8 @@ class Session:
                 outcome = self._outcomes.popleft()
                 if self._answer(outcome):
                     await self._start_reply(outcome)
+            while self._revoked:
+                self._end_revoked(self._revoked.popleft())
             while self._queue and (self._close_code is None or self._graceful):
                 frames = [self._queue.popleft()]
                 size = len(frames[0])
@@ -230,35 +283,92 @@ class Session:
                     frames.append(self._queue.popleft())
                     size += len(frames[-1])
                 self._queued_bytes -= size
-                await self.conn.send_frames(frames)
+                with trio.move_on_after(self._spend.write_timeout) as write:
+                    await self.conn.send_frames(frames)
+                if write.cancelled_caught:
+                    # Cut mid-frame: the stream is unusable, nothing more can be sent.
+                    self._counters.slow_disconnects += 1
+                    self._aborted = True
+                    self._drop(
+                        CLOSE_SLOW_CONSUMER,
+                        f"slow consumer: a write took over {self._spend.write_timeout:g}s",
+                    )
+                    return
             if self._close_code is not None:
                 return
             self._wakeup = trio.Event()
-            if not self._queue and not self._outcomes:
+            if not self._queue and not self._outcomes and not self._revoked:
                 await self._wakeup.wait()
 
-    async def _reader(self, nursery: trio.Nursery) -> None:
-        with self._reader_scope:
-            with trio.move_on_after(self.cfg.hello_timeout) as hello_scope:
-                while not self.user:
-                    await self._handle_frame(await self.conn.get_message(), nursery, OPS)
-            if hello_scope.cancelled_caught:
-                self._counters.hello_timeouts += 1
-                self._drop(CLOSE_HELLO_TIMEOUT, "no hello received in time")
+    def _end_revoked(self, conv: str) -> None:
+        if conv not in self.subscriptions:
+            return
+        self._counters.revoked_subscriptions += 1
+        self.leave(conv)
+        self.reply({"type": "unsubscribed", "conv": conv, "reason": "access revoked"})
+
+    async def _keepalive(self) -> None:
+        """Ping the client; a peer that does not answer in time is dead."""
+        while True:
+            await trio.sleep(self._spend.ping_interval)
+            with trio.move_on_after(self._spend.ping_timeout) as pong:
+                await self.conn.ping()
+            if pong.cancelled_caught:
+                self._counters.dead_peers += 1
+                self._aborted = True  # no close frame: nobody is listening
+                self._drop(CLOSE_NO_PONG, "no pong: the connection is dead")
                 return
-            while True:
+
+    async def watch_expiry(self) -> None:
+        """Close the session when its token expires, unless a refresh extended it."""
+        while self.identity is not None and self.identity.expires_at is not None:
+            await trio.sleep_until(self.identity.expires_at)
+            expires = self.identity.expires_at
+            if expires is not None and trio.current_time() >= expires:
+                self._counters.expired_tokens += 1
+                self._drop(CLOSE_TOKEN_EXPIRED, "token expired: reconnect with a fresh token")
+                return
+
+    async def _reader(self, nursery: trio.Nursery) -> None:
+        with trio.move_on_after(self.cfg.hello_timeout) as hello_scope:
+            while not self.user:
                 await self._handle_frame(await self.conn.get_message(), nursery, OPS)
+        if hello_scope.cancelled_caught:
+            self._counters.hello_timeouts += 1
+            self._drop(CLOSE_HELLO_TIMEOUT, "no hello received in time")
+            return
+        while True:
+            await self._handle_frame(await self.conn.get_message(), nursery, OPS)
 
     async def _handle_frame(self, data: str | bytes, nursery: trio.Nursery, ops: Any) -> None:
+        wait = self._frames.reserve()
+        if wait:
+            # Over its frame budget: this client is not read from until the budget
+            # refills; TCP flow control holds it back, not the server's CPU.
+            self._counters.throttled += 1
+            await trio.sleep(wait)
         ref = None
         try:
             req = parse(data, self.limits)
             ref = req.ref
+            if self._draining and req.op != "ping":
+                extra = {"conv": req.get("conv"), "id": req.get("id")} if req.op == "send" else {}
+                raise ProtocolError(
+                    "unavailable",
+                    "the server is shutting down: retry on another server (same id)",
+                    ref,
+                    retryable=True,
+                    **extra,
+                )
             if not self.user and req.op != "hello":
                 raise ProtocolError("not_authenticated", "send hello first", ref)
             await ops[req.op](self, req, nursery)
         except ProtocolError as exc:
-            self.reply(error_frame(exc.code, exc.message), exc.ref if exc.ref is not None else ref)
+            self.services.refusals.refuse(
+                exc.code, f"{self.user or '-'}@{self.conn.remote}", exc.message
+            )
+            frame = error_frame(exc.code, exc.message, **exc.extra)
+            self.reply(frame, exc.ref if exc.ref is not None else ref)
         except Unavailable as exc:
             self.reply(error_frame("unavailable", exc.message, retryable=True), ref)
 
@@ -277,48 +387,26 @@ class Session:
         self._inflight.release()
         if self._answered is not None:
             self._answered.set()
-        pending: SendTag = outcome.tag
-        msg, result = outcome.msg, outcome.result
-        if isinstance(result, Exception):
-            if isinstance(result, Unavailable):
-                frame = error_frame(
-                    "unavailable", result.message, retryable=True, conv=msg.conv, id=msg.client_id
-                )
-            else:
-                frame = error_frame(
-                    "internal", "the message could not be stored", conv=msg.conv, id=msg.client_id
-                )
-            self.reply(frame, pending.ref)
-        elif pending.wants_reply and not result.duplicate:
+        if answers.starts_reply(outcome):
             if not last:
-                return True  # answered with the reply's id by _start_reply
-            ack = {"type": "ack", "conv": msg.conv, "id": msg.client_id, "seq": result.seq}
-            self.reply(ack, pending.ref)
-            err = error_frame(
-                "unavailable",
-                "the server is shutting down; no reply",
-                retryable=True,
-                conv=msg.conv,
-            )
-            self.reply(err, pending.ref)
+                return True
+            why = Unavailable("the server is shutting down; no reply")
+            frames = answers.no_reply(outcome, why)
         else:
-            frame = {"type": "ack", "conv": msg.conv, "id": msg.client_id, "seq": result.seq}
-            if result.duplicate:
-                # The original send started its reply (if it asked for one).
-                frame["duplicate"] = True
-            self.reply(frame, pending.ref)
+            frames = answers.answer(outcome)
+        for frame in frames:
+            self.reply(frame, answers.ref_of(outcome))
         return False
 
     async def _start_reply(self, outcome: Outcome) -> None:
-        msg, pending = outcome.msg, outcome.tag
-        assert not isinstance(outcome.result, Exception)
-        ack: dict[str, Any] = {"type": "ack", "conv": msg.conv, "id": msg.client_id}
-        ack["seq"] = outcome.result.seq
+        tag: SendTag = outcome.tag
+        frame = answers.ack(outcome)
         try:
-            ack["stream"] = await self.services.replies.start(msg.conv, ack["seq"], pending.prompt)
-        except (ProtocolError, Unavailable) as exc:
-            self.reply(ack, pending.ref)
-            code = exc.code if isinstance(exc, ProtocolError) else "unavailable"
-            self.reply(error_frame(code, exc.message, retryable=True, conv=msg.conv), pending.ref)
+            frame["stream"] = await self.services.replies.start(
+                outcome.msg.conv, frame["seq"], tag.prompt, user=self.user, owner=self.id
+            )
+        except (ProtocolError, Unavailable) as why:
+            for f in answers.no_reply(outcome, why):
+                self.reply(f, tag.ref)
             return
-        self.reply(ack, pending.ref)
+        self.reply(frame, tag.ref)

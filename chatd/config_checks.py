@@ -1,0 +1,142 @@
+"""The checks a configuration must pass before chatd starts; each error names its key."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from chatd.config import Config
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the offending key."""
+
+
+_HMAC = ("HS256", "HS384", "HS512")
+_ASYMMETRIC = (
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "ES256",
+    "ES384",
+    "ES512",
+    "EdDSA",
+)
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _validate_auth(config: Config) -> None:
+    a = config.auth
+    if a.mode not in ("anonymous", "jwt"):
+        raise ConfigError('[auth].mode must be "anonymous" or "jwt"')
+    if a.mode == "anonymous":
+        if config.server.host not in LOOPBACK and not a.allow_remote_anonymous:
+            raise ConfigError(
+                f"[auth].mode is anonymous (any client may claim any name) but [server].host "
+                f'is {config.server.host!r}, not loopback: use [auth].mode = "jwt", or set '
+                "[auth].allow_remote_anonymous = true for a development network"
+            )
+        return
+    algs = set(a.algorithms)
+    if not algs or not algs <= set(_HMAC + _ASYMMETRIC):
+        raise ConfigError(
+            f"[auth].algorithms must name algorithms among {', '.join(_HMAC + _ASYMMETRIC)}"
+        )
+    if algs & set(_HMAC) and algs & set(_ASYMMETRIC):
+        raise ConfigError(
+            "[auth].algorithms must not mix HMAC (HS*) and public-key algorithms: a token "
+            "signed with the public key as an HMAC secret would verify"
+        )
+    if algs & set(_HMAC):
+        # RFC 7518 3.2: a key at least as long as the hash.
+        need = max(int(alg[2:]) // 8 for alg in algs)
+        if len(a.secret.encode()) < need:
+            raise ConfigError(
+                f"[auth].secret must be at least {need} bytes for {', '.join(sorted(algs))}; "
+                "prefer the CHATD_AUTH_SECRET environment variable"
+            )
+    elif bool(a.public_key_file) == bool(a.jwks_url):
+        raise ConfigError(
+            f"[auth] needs exactly one of public_key_file or jwks_url for {', '.join(sorted(algs))}"
+        )
+
+
+def validate(config: Config) -> None:
+    _validate_auth(config)
+    checks = [
+        (config.server.port <= 65535, "[server].port must be 0..65535"),
+        (config.server.max_frame_bytes >= 1024, "[server].max_frame_bytes must be at least 1024"),
+        (config.server.max_text_chars >= 1, "[server].max_text_chars must be at least 1"),
+        (config.server.send_queue_frames >= 8, "[server].send_queue_frames must be at least 8"),
+        (config.server.max_inflight_sends >= 1, "[server].max_inflight_sends must be at least 1"),
+        (config.postgres.pool_max >= 2, "[postgres].pool_max must be at least 2"),
+        (
+            config.postgres.pool_min <= config.postgres.pool_max,
+            "[postgres].pool_min must not exceed [postgres].pool_max",
+        ),
+        (config.postgres.command_timeout > 0, "[postgres].command_timeout must be positive"),
+        (config.redis.command_timeout > 0, "[redis].command_timeout must be positive"),
+        (config.store.group_commit_max >= 1, "[store].group_commit_max must be at least 1"),
+        (config.relay.batch >= 1, "[relay].batch must be at least 1"),
+        (config.relay.poll_interval > 0, "[relay].poll_interval must be positive"),
+        (config.relay.claim_after > 0, "[relay].claim_after must be positive"),
+        (config.relay.publish_queue >= 1, "[relay].publish_queue must be at least 1"),
+        (config.retry.backoff_min > 0, "[retry].backoff_min must be positive"),
+        (
+            config.retry.backoff_max >= config.retry.backoff_min,
+            "[retry].backoff_max must not be less than [retry].backoff_min",
+        ),
+        (config.server.shutdown_grace >= 1, "[server].shutdown_grace must be at least 1 second"),
+        (
+            bool(config.server.tls_cert) == bool(config.server.tls_key),
+            "[server].tls_cert and [server].tls_key go together",
+        ),
+        (config.auth.membership_ttl > 0, "[auth].membership_ttl must be positive"),
+        (config.auth.jwks_timeout > 0, "[auth].jwks_timeout must be positive"),
+        (config.limits.send_burst >= 1, "[limits].send_burst must be at least 1"),
+        (config.limits.read_burst >= 1, "[limits].read_burst must be at least 1"),
+        (config.limits.frame_burst >= 1, "[limits].frame_burst must be at least 1"),
+        (config.limits.history_in_flight >= 1, "[limits].history_in_flight must be at least 1"),
+        (
+            config.limits.replies_per_connection >= 1,
+            "[limits].replies_per_connection must be at least 1",
+        ),
+        (config.limits.replies_per_user >= 1, "[limits].replies_per_user must be at least 1"),
+        (config.limits.max_connections >= 1, "[limits].max_connections must be at least 1"),
+        (
+            config.limits.connections_per_address >= 1,
+            "[limits].connections_per_address must be at least 1",
+        ),
+        (config.limits.write_timeout > 0, "[limits].write_timeout must be positive"),
+        (
+            config.limits.ping_interval == 0 or config.limits.ping_timeout > 0,
+            "[limits].ping_timeout must be positive when [limits].ping_interval is set",
+        ),
+        (
+            config.model.backend in ("fake", "openai"),
+            '[model].backend must be "fake" or "openai"',
+        ),
+        (
+            config.model.backend != "openai" or bool(config.model.model),
+            "[model].model must name the model when [model].backend is openai",
+        ),
+        (config.model.context_messages >= 1, "[model].context_messages must be at least 1"),
+        (config.streams.max_streams >= 1, "[streams].max_streams must be at least 1"),
+        (config.streams.partial_ttl >= 1, "[streams].partial_ttl must be at least 1"),
+        (config.streams.max_duration > 0, "[streams].max_duration must be positive"),
+        (bool(config.streams.assistant_user), "[streams].assistant_user must not be empty"),
+        (config.chaos.port <= 65535, "[chaos].port must be 0..65535"),
+        (
+            not config.chaos.enabled or len(config.chaos.admin_token) >= 16,
+            "[chaos].admin_token must be set (at least 16 characters) when [chaos].enabled is "
+            "true; prefer the CHATD_ADMIN_TOKEN environment variable",
+        ),
+        (config.log.level in _LOG_LEVELS, f"[log].level must be one of {', '.join(_LOG_LEVELS)}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
