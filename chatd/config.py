@@ -227,6 +227,16 @@ class StreamsConfig:
     #: tokens of many replies share a crossing and a delta may carry several
     #: tokens. 0 ships as soon as the previous batch is done.
     lane_interval_ms: float = 0.0
+    #: "transient" (tokens only in Redis; Postgres gets the finished reply) or
+    #: "checkpoint" (the partial text is also appended to Postgres every
+    #: ``checkpoint_interval_ms``: a reply survives its process and Redis together).
+    persistence: str = "transient"
+    checkpoint_interval_ms: float = 200.0
+    #: A process renews a lease on its replies; past it they are taken over and
+    #: committed "interrupted" by another (or a restarted) process, checked every
+    #: ``takeover_interval``: a dead owner's replies end within lease + interval.
+    lease: float = 5.0
+    takeover_interval: float = 1.0
 
 
 @dataclass(frozen=True)

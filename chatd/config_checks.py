@@ -128,6 +128,16 @@ def validate(config: Config) -> None:
         (config.streams.max_streams >= 1, "[streams].max_streams must be at least 1"),
         (config.streams.partial_ttl >= 1, "[streams].partial_ttl must be at least 1"),
         (config.streams.max_duration > 0, "[streams].max_duration must be positive"),
+        (
+            config.streams.persistence in ("transient", "checkpoint"),
+            '[streams].persistence must be "transient" or "checkpoint"',
+        ),
+        (
+            config.streams.checkpoint_interval_ms > 0,
+            "[streams].checkpoint_interval_ms must be positive",
+        ),
+        (config.streams.lease >= 0.5, "[streams].lease must be at least 0.5 seconds"),
+        (config.streams.takeover_interval > 0, "[streams].takeover_interval must be positive"),
         (bool(config.streams.assistant_user), "[streams].assistant_user must not be empty"),
         (config.chaos.port <= 65535, "[chaos].port must be 0..65535"),
         (

@@ -21,6 +21,8 @@ USER_MAX = 64
 _FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Co", "Cs", "Cn", "Zl", "Zp"})
 #: Patterns in a grants claim, at most.
 _MAX_PATTERNS = 1000
+#: Conversations whose rights a token remembers once matched.
+_MEMO = 256
 
 
 class IdentityError(ValueError):
@@ -68,6 +70,7 @@ class Grants:
     everything: bool = False
     _exact: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
     _prefixes: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
+    _memo: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         exact: dict[str, str] = {}
@@ -84,10 +87,16 @@ class Grants:
         """``""``, ``"r"``, ``"w"`` or ``"rw"``: everything that matches, together."""
         if self.everything:
             return "rw"
+        known = self._memo.get(conv)
+        if known is not None:
+            return known
         out = self._exact.get(conv, "")
         for prefix, rights in self._prefixes:
             if conv.startswith(prefix):
                 out = merge_rights(out, rights)
+        if len(self._memo) < _MEMO:
+            # Every op checks rights, and a client uses few conversations.
+            self._memo[conv] = out
         return out
 
     @classmethod

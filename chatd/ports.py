@@ -23,14 +23,29 @@ from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
-from chatd.records import BusMessage, Committed, InFlight, LaneOp, NewMessage, OutboxEvent, Snapshot
+from chatd.records import (
+    BusMessage,
+    Checkpoint,
+    Committed,
+    InFlight,
+    LaneOp,
+    NewMessage,
+    Orphan,
+    OutboxEvent,
+    Registration,
+    Snapshot,
+)
 
 
 class Log(Protocol):
     """Postgres's job: the source of truth."""
 
     async def commit(
-        self, msgs: Sequence[NewMessage], published: Sequence[int], notify: bool
+        self,
+        msgs: Sequence[NewMessage],
+        published: Sequence[int],
+        notify: bool,
+        finished: Sequence[str] = (),
     ) -> tuple[list[Committed], list[OutboxEvent]]:
         """Commit ``msgs`` in one transaction, in order; returns one result per message
         and the new outbox rows (duplicates have none).
@@ -41,6 +56,7 @@ class Log(Protocol):
         deletes the outbox rows ``published`` (skipping rows a sweep holds),
         and, when ``notify``, wakes every relay (:meth:`wait_for_notify`).
         One message that cannot be stored fails the whole call with StoreError.
+        ``finished``: replies whose in-flight rows go in the same transaction.
         """
         ...
 
@@ -93,6 +109,38 @@ class Log(Protocol):
         """``outbox_rows`` and ``outbox_oldest_s``, for operators."""
         ...
 
+    # -- replies in flight (leases, checkpoints, takeover) --------------------
+
+    async def heartbeat(self, process: str, lease: float) -> bool:
+        """Renew ``process``'s lease for ``lease`` seconds (register it the first time).
+        False: it had expired or was marked dead; the process is fenced."""
+        ...
+
+    async def register_replies(self, owner: str, replies: Sequence[Registration]) -> None:
+        """Record replies starting, owned by process ``owner``, in one round trip
+        (a reply already recorded is left as it is)."""
+        ...
+
+    async def checkpoint(self, owner: str, pieces: Sequence[Checkpoint]) -> None:
+        """Append each piece to its reply's text, in one round trip; only where the
+        reply is still ``owner``'s and holds ``old_length`` code points."""
+        ...
+
+    async def take_orphans(self, taker: str) -> list[Orphan]:
+        """Mark processes whose lease expired dead, and give every reply a dead process
+        owns to ``taker`` (atomically: two takers never get the same reply)."""
+        ...
+
+    async def inflight(self, conv: str) -> list[InFlight]:
+        """The conversation's replies in flight, with their checkpointed text."""
+        ...
+
+    async def drop_reply(self, stream: str) -> None:
+        """A reply ended without a message (its model failed): its row goes."""
+        ...
+
+    # -- memberships ------------------------------------------------------
+
     async def memberships(self, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], str]:
         """The rights (``"r"``, ``"w"``, ``"rw"``) of each ``(conv, user)`` that has a
         membership row; pairs without one are absent."""
@@ -132,7 +180,8 @@ class Transport(Protocol):
         """Apply each op atomically: extend the reply's partial (or rewrite it whole
         when the transport does not hold ``expect_bytes``), refresh its TTL, record
         or (``meta == ""``) delete it, publish its frames. Returns each partial's
-        UTF-8 length afterwards."""
+        UTF-8 length afterwards, or -2 where the reply was seized (nothing done,
+        unless the op ends the reply)."""
         ...
 
     async def read_streams(self, conv: str) -> list[InFlight]:
@@ -140,6 +189,11 @@ class Transport(Protocol):
         ...
 
     async def read_partial(self, conv: str, stream: str) -> str | None: ...
+
+    async def seize_partial(self, conv: str, stream: str, ttl: int) -> str | None:
+        """Take a reply over: its partial now (None if there is none), and from now on
+        (for ``ttl`` seconds) the lane refuses its old owner's ops except its end."""
+        ...
 
     async def stream_exists(self, conv: str, stream: str) -> bool: ...
 

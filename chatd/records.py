@@ -68,6 +68,37 @@ class InFlight:
 
 
 @dataclass(frozen=True)
+class Registration:
+    """A reply starting: recorded in the log under its process's lease."""
+
+    stream: str
+    conv: str
+    #: The reply's metadata as JSON (who asked, what it answers, when it began).
+    meta: str
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """New text of one reply, appended to what the log holds of it."""
+
+    stream: str
+    #: The length (code points) the log holds now; the append happens only then.
+    old_length: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """A reply whose process died, now taken over: what the log knew of it."""
+
+    stream: str
+    conv: str
+    meta: dict[str, Any]
+    #: The text checkpointed so far ("" in transient mode).
+    text: str
+
+
+@dataclass(frozen=True)
 class LaneOp:
     """One reply's update in a lane batch: extend its partial, publish its frames."""
 

@@ -48,7 +48,7 @@ MUTANTS = [
                 "                            r.scope.cancel()\n",
             ),
             (
-                "chatd/engine/replies.py",
+                "chatd/engine/reply_run.py",
                 "            error = await self._generate(r)\n",
                 "            error = await self._generate(r)\n"
                 "            if r.truncated is None:  # PLANTED\n"
@@ -82,6 +82,17 @@ MUTANTS = [
                 "            for p in batch:  # PLANTED\n"
                 "                _answer(p, Committed(p.msg.conv, p.msg.client_id, 0, False, {}))\n"
                 "            return\n",
+            ),
+        ),
+    ),
+    Mutant(
+        "leases-never-expire",
+        "a process's lease never lapses: a dead owner's replies are never taken over",
+        (
+            (
+                "chatd/adapters/postgres_replies.py",
+                "WHERE lease_until < now() AND NOT dead RETURNING id",
+                "WHERE lease_until < now() - interval '1 day' AND NOT dead RETURNING id",
             ),
         ),
     ),

@@ -5,14 +5,18 @@ failing interleaving that Hypothesis shrank can be pasted into an
 ``@example`` in ``fuzz/test_interleavings.py`` and replayed.
 
 The interpreter runs a program against a real chatd (``serve()``) with real
-PostgreSQL and Redis, then heals everything, waits for the system to settle,
-and checks the invariants of ``docs/invariants.md``.
+PostgreSQL and Redis, and a second chatd process sharing them (started when a
+step first needs it: ``fuzz/peer.py``), then heals everything, waits for the
+system to settle, and checks the invariants of ``docs/invariants.md``
+(``fuzz/invariants.py``).
 """
 
 from __future__ import annotations
 
 import itertools
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -22,9 +26,10 @@ from hypothesis import strategies as st
 from chatd.config import Config
 from chatd.embedded import PostgresServer, RedisServer
 from chatd.server import Server, serve
+from fuzz.invariants import check
+from fuzz.peer import Peer, peer_toml
 from tests.client import Client
-from tests.conftest import wait_until
-from tests.faults import Faults, Watcher, check_durable, check_outbox_drains
+from tests.faults import Faults, Watcher
 
 CLIENTS = 3
 CONVS = 2
@@ -112,6 +117,28 @@ class Wait:
 
 
 @_step
+class PeerReply:
+    """A client of the peer process asks for a reply in ``conv`` (20 tokens/s, so a kill or
+    pause lands mid-stream); watched from the chatd under test."""
+
+    conv: int
+    tokens: int
+
+
+@_step
+class KillPeer:
+    """SIGKILL the peer process (a supervisor restarts it; its clients retry there)."""
+
+
+@_step
+class PausePeer:
+    """SIGSTOP the peer for ``ms`` milliseconds, then SIGCONT (not waiting): past the
+    lease, its replies are taken over and it must be fenced when it wakes."""
+
+    ms: int
+
+
+@_step
 class KillRedis:
     """SIGKILL Redis and restart it empty (slow profile)."""
 
@@ -143,6 +170,9 @@ def steps(*, real_faults: bool = False) -> st.SearchStrategy[Any]:
         ),
         st.just(Heal()),
         st.builds(Wait, ms=st.integers(1, 400)),
+        st.builds(PeerReply, conv=conv, tokens=st.integers(1, 40)),
+        st.just(KillPeer()),
+        st.builds(PausePeer, ms=st.integers(100, 2500)),
     ]
     if real_faults:
         options += [st.just(KillRedis()), st.just(RestartPostgres())]
@@ -168,6 +198,7 @@ class _Stream:
     tokens: int
     fail_at: int | None
     stop_requested: bool = False
+    on_peer: bool = False
 
 
 @dataclass
@@ -176,8 +207,11 @@ class World:
 
     srv: Server
     faults: Faults
+    peer: Peer
     nursery: trio.Nursery
     run_id: str
+    #: Every reply ends within this many seconds once the faults are over.
+    bound: float
     senders: list[Client] = field(default_factory=list)
     #: One request at a time per sending connection: the test client's
     #: request() reads replies itself, so two concurrent callers can miss theirs.
@@ -188,17 +222,38 @@ class World:
     sent: list[_Sent] = field(default_factory=list)
     streams: list[_Stream] = field(default_factory=list)
     redis_faults: bool = False
+    #: Redis restarted empty (partials and tails gone).
+    redis_lost: bool = False
+    postgres_restarts: int = 0
     _ids: itertools.count = field(default_factory=itertools.count)
 
     def conv(self, i: int) -> str:
         return f"fz-{self.run_id}-{i}"
+
+    def convs(self) -> list[str]:
+        return [self.conv(i) for i in range(CONVS)]
+
+    def all_watchers(self) -> list[Watcher]:
+        return self.watchers + [w for w, _ in self.old_watchers]
+
+    def may_interrupt(self, s: _Stream) -> bool:
+        """Whether a fault could have taken ``s`` from its process (committed ``interrupted``)."""
+        if self.postgres_restarts:
+            return True  # every lease may lapse
+        if s.on_peer:
+            return bool(self.peer.kills or self.peer.pauses)
+        return self.srv.engine.replies.custody.fenced > 0
 
     async def _client(self, user: str) -> Client:
         client = await Client.open(self.nursery, self.srv.url)
         await client.hello(user)
         return client
 
-    async def setup(self) -> None:
+    async def setup(self, program: list[Any]) -> None:
+        if any(isinstance(step, (PeerReply, KillPeer, PausePeer)) for step in program):
+            # Up before the first step: a kill or pause then lands where the
+            # program says, not on a process still starting.
+            await self.peer.url_when_up()
         for i in range(CLIENTS):
             self.senders.append(await self._client(f"s{i}"))
             self.locks.append(trio.Lock())
@@ -257,8 +312,36 @@ class World:
         stream = _Stream(rec.conv, "", step.tokens, step.fail_at)
         bg.start_soon(self._send, step.c, rec, stream)
 
+    async def _do_PeerReply(self, step: PeerReply, bg: trio.Nursery) -> None:
+        rec = _Sent(self.conv(step.conv), f"m{next(self._ids)}")
+        self.sent.append(rec)
+        stream = _Stream(rec.conv, "", step.tokens, None, on_peer=True)
+        frame = {
+            "op": "send",
+            "conv": rec.conv,
+            "id": rec.mid,
+            "reply": True,
+            "text": f"#tokens={step.tokens} #rate=20",
+        }
+
+        async def _ask() -> None:
+            answer = await self.peer.request(frame, "ack")
+            assert answer["type"] == "ack", answer
+            rec.seq = answer["seq"]
+            if "stream" in answer:  # not on a retry whose first try was committed
+                stream.id = answer["stream"]
+                self.streams.append(stream)
+
+        bg.start_soon(_ask)
+
+    async def _do_KillPeer(self, step: KillPeer, bg: trio.Nursery) -> None:
+        await self.peer.kill()
+
+    async def _do_PausePeer(self, step: PausePeer, bg: trio.Nursery) -> None:
+        bg.start_soon(self.peer.pause, step.ms / 1000)
+
     async def _do_Stop(self, step: Stop, bg: trio.Nursery) -> None:
-        mine = [s for s in self.streams if s.conv == self.conv(step.conv)]
+        mine = [s for s in self.streams if s.conv == self.conv(step.conv) and not s.on_peer]
         if not mine:
             return
         mine[-1].stop_requested = True
@@ -318,100 +401,48 @@ class World:
         await trio.sleep(step.ms / 1000)
 
     async def _do_KillRedis(self, step: KillRedis, bg: trio.Nursery) -> None:
-        self.redis_faults = True
+        self.redis_faults = self.redis_lost = True
         await self.faults.inject("redis", "kill", 0.3)
 
     async def _do_RestartPostgres(self, step: RestartPostgres, bg: trio.Nursery) -> None:
+        self.postgres_restarts += 1
         await self.faults.inject("postgres", "kill", 0.3)
 
     async def _settle_faults(self) -> None:
         # Background sends keep retrying; gates close by themselves or here.
         await trio.sleep(0.2)
         self.srv.chaos.heal()
-
-    # -- the invariants (docs/invariants.md) --------------------------------
+        await self.peer.settled()
 
     async def check(self) -> None:
-        srv = self.srv
-        with trio.fail_after(30):
-            while srv.engine.replies.active:
-                await trio.sleep(0.05)
-        await check_outbox_drains(srv)  # 7
-        rows_by_conv = {}
-        for i in range(CONVS):
-            conv = self.conv(i)
-            acked = {s.mid: s.seq for s in self.sent if s.conv == conv and s.duplicate_of is None}
-            rows_by_conv[conv] = await check_durable(srv, conv, acked)  # 1, 3, 8
-        for s in self.sent:  # 4
-            if s.duplicate_of is not None:
-                assert s.seq == self.sent[s.duplicate_of].seq, f"retry of {s.mid} got a new seq"
-        for st_ in self.streams:  # 2
-            rows = [r for r in rows_by_conv[st_.conv] if r["client_id"] == st_.id]
-            fails = st_.fail_at is not None and st_.fail_at <= st_.tokens
-            if fails and not st_.stop_requested:
-                assert rows == [], f"a reply that failed in the model was stored: {rows}"
-                continue
-            if rows:
-                (row,) = rows
-                assert row["role"] == "assistant"
-                words = len(row["body"].split(" ")) if row["body"] else 0
-                if row["status"] == "complete":
-                    assert words == st_.tokens, f"incomplete reply stored as complete: {row}"
-                else:
-                    assert st_.stop_requested and words <= st_.tokens, row
-            else:
-                assert fails, f"reply {st_.id} ({st_.tokens} tokens) was never committed"
-        for w in self.watchers:  # 5, 6
-            rows = rows_by_conv[w.conv]
-            start = self.starts[id(w)]
-            expected = list(range(start + 1, len(rows) + 1))
-
-            async def _caught_up(w: Watcher = w, n: int = len(expected)) -> bool:
-                return len(w.seqs) >= n
-
-            try:
-                await wait_until(_caught_up, timeout=20)
-            except trio.TooSlowError:
-                pass
-            assert w.seqs == expected, (
-                f"watcher of {w.conv} from cursor {start} got {w.seqs}, expected {expected}"
-            )
-            for sid, text in w.texts.items():
-                row = next((r for r in rows if r["client_id"] == sid), None)
-                if row is None:
-                    continue
-                assert row["body"].startswith(text), f"deltas diverged from committed text of {sid}"
-                # A reply followed live to its end, with Redis healthy, is complete.
-                followed = sid in w.live and sid in w.ends
-                if not self.redis_faults and followed and row["status"] == "complete":
-                    assert text == row["body"], f"deltas of {sid} missed text without any fault"
-        for w, start in self.old_watchers:  # 5: what a client got before leaving
-            assert w.seqs == list(range(start + 1, start + 1 + len(w.seqs))), (
-                f"watcher from cursor {start} got {w.seqs} before reconnecting"
-            )
-        # 7: no leaked feeds, sessions or reply tasks.
-        assert set(srv.engine.hub.feeds) <= {self.conv(i) for i in range(CONVS)}
-        with trio.fail_after(10):
-            while len(srv.engine.sessions) != 2 * CLIENTS:
-                await trio.sleep(0.05)
-        with trio.move_on_after(10):  # a finished reply may still be publishing its end
-            while srv.engine.replies.running:
-                await trio.sleep(0.05)
-        assert srv.engine.replies.running == 0, "no reply task is left"
+        await check(self)
 
 
 async def run_program(
     config: Config, pg: PostgresServer, redis: RedisServer, program: list[Any], run_id: str
 ) -> None:
     """Run one interleaving end to end and check every invariant."""
-    async with trio.open_nursery() as nursery:
-        srv = await nursery.start(serve, config)
-        world = World(srv, Faults(srv, pg, redis), nursery, run_id)
-        try:
-            await world.setup()
-            await world.run(program)
-            await world.check()
-        finally:
-            for c in world.senders + [w.client for w in world.watchers]:
-                await c.close()
-            nursery.cancel_scope.cancel()
+    streams = config.streams
+    # Replies end within lease + sweep once their owner is gone; the rest is a
+    # 40-token reply still generating when the faults end, and its commit.
+    bound = streams.lease + streams.takeover_interval + 5.0
+    with tempfile.TemporaryDirectory(prefix="chatd-fuzz-peer-") as tmp:
+        conf = Path(tmp) / "peer.toml"
+        conf.write_text(peer_toml(streams.lease, streams.takeover_interval))
+        async with trio.open_nursery() as nursery:
+            srv = await nursery.start(serve, config)
+            peer = Peer(nursery, conf, pg.dsn, redis.url)
+            world = World(srv, Faults(srv, pg, redis), peer, nursery, run_id, bound)
+            try:
+                await world.setup(program)
+                await world.run(program)
+                await world.check()
+            except BaseException:
+                if peer.started:  # shown with the failure (pytest's captured stdout)
+                    print(f"-- the peer's log (last lines):\n{peer.log_tail()}")
+                raise
+            finally:
+                await peer.close()
+                for c in world.senders + [w.client for w in world.watchers]:
+                    await c.close()
+                nursery.cancel_scope.cancel()

@@ -15,7 +15,10 @@ from hypothesis import example, given, settings
 from fuzz.program import (
     Break,
     Heal,
+    KillPeer,
     KillRedis,
+    PausePeer,
+    PeerReply,
     Reconnect,
     Reply,
     Resend,
@@ -35,7 +38,8 @@ def _config(pg, rs):
         pg,
         rs,
         model={"fake_tokens": 20, "fake_token_rate": 100.0},
-        streams={"commit_timeout": 15.0},
+        # A short lease, so takeovers happen within the programs' time scale.
+        streams={"commit_timeout": 15.0, "lease": 1.0, "takeover_interval": 0.3},
         relay={"poll_interval": 0.3},
         retry={"backoff_max": 0.3},
     )
@@ -79,6 +83,39 @@ def _config(pg, rs):
         Reply(c=0, conv=1, tokens=10, fail_at=4),
         Stop(c=2, conv=1),
         Slow(component="redis", ms=500, latency_ms=1200),
+    ]
+)
+# A second chatd process killed mid-reply: the reply is taken over and ends.
+@example(program=[PeerReply(conv=0, tokens=40), Wait(ms=400), KillPeer(), Send(c=0, conv=0)])
+# Paused past its lease: taken over; when it wakes it is fenced (no second
+# message, the committed text unchanged).
+@example(
+    program=[
+        PeerReply(conv=1, tokens=40),
+        Wait(ms=300),
+        PausePeer(ms=2500),
+        Reply(c=1, conv=1, tokens=10),
+    ]
+)
+# The chatd under test cut off from Postgres past its lease while the peer lives.
+@example(
+    program=[
+        PeerReply(conv=0, tokens=5),
+        Reply(c=0, conv=0, tokens=30),
+        Wait(ms=100),
+        Break(component="postgres", ms=1500),
+        Send(c=2, conv=0),
+    ]
+)
+# The peer killed while a client's WebSocket handshake with it was under way:
+# the harness's connect waited forever (now bounded, tests/client.py).
+@example(
+    program=[
+        Send(c=0, conv=0),
+        Slow(component="postgres", ms=1210, latency_ms=122),
+        PeerReply(conv=0, tokens=38),
+        KillPeer(),
+        Send(c=0, conv=0),
     ]
 )
 async def test_interleavings(postgres, redis_server, program):

@@ -24,8 +24,14 @@ class Client:
         self._ref = 0
 
     @classmethod
-    async def open(cls, nursery: trio.Nursery, url: str, **kw: Any) -> Client:
-        ws = await connect_websocket_url(nursery, url, **kw)
+    async def open(
+        cls, nursery: trio.Nursery, url: str, connect_timeout: float = 10.0, **kw: Any
+    ) -> Client:
+        # trio-websocket 0.12 waits forever for the opening handshake when the
+        # server dies mid-handshake (its reader ends without waking the
+        # connector): the deadline turns that into TooSlowError.
+        with trio.fail_after(connect_timeout):
+            ws = await connect_websocket_url(nursery, url, **kw)
         return cls(ws)
 
     async def send(self, frame: dict[str, Any] | str) -> None:

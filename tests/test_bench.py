@@ -126,3 +126,26 @@ async def test_bench_auth_and_abuse(tmp_path):
     assert phases["poison"]["abuser_refused"] == phases["poison"]["abuser_sent"] > 0
     assert phases["send flood"]["abuser_refused"] > 0, "the send rate limit refused some"
     assert phases["connection flood"]["abuser_refused"] > 0, "the per-address cap refused some"
+
+
+async def test_bench_survive(tmp_path):
+    r = await _bench(
+        tmp_path, "survive", "--modes", "transient,100", "--kills", "1", "--replies", "2",
+        "--lease", "1", "--takeover-interval", "0.3", "--kill-after", "0.5,1",
+        "--cost-replies", "2", "--cost-seconds", "1",
+    )  # fmt: skip
+    transient, checkpoint = r["modes"]
+    for mode in (transient, checkpoint):
+        for case in ("redis_intact", "redis_lost"):
+            s = mode[case]
+            assert s["samples"] == 2 and s["not_ended"] == s["not_committed"] == 0, s
+            assert s["inconsistent"] == 0 and s["statuses"] == ["interrupted"], s
+            assert s["kill_to_end_p99_s"] < 10, s
+        assert mode["cost"]["tokens"] > 0
+    # Redis kept the partial: nothing a watcher saw was lost, in either mode.
+    assert transient["redis_intact"]["lost_chars_max"] == 0
+    assert checkpoint["redis_intact"]["lost_chars_max"] == 0
+    # Redis lost too: transient keeps nothing; checkpoints keep all but the last interval.
+    assert transient["redis_lost"]["lost_chars_p50"] > 0
+    assert checkpoint["redis_lost"]["lost_tokens_max"] < transient["redis_lost"]["lost_tokens_max"]
+    assert checkpoint["cost"]["busy"]["wal"] > transient["cost"]["busy"]["wal"]

@@ -9,7 +9,7 @@ import trio
 
 from chatd.errors import StoreError, StoreUnavailable
 from chatd.protocol import encode
-from chatd.records import NewMessage, message_event
+from chatd.records import Checkpoint, NewMessage, Registration, message_event
 
 
 def _conv() -> str:
@@ -200,3 +200,51 @@ async def test_memberships(logs):
     assert await log.memberships([(c, "ann"), (d, "ann")]) == {(c, "ann"): "r"}
     assert await other.members(c) == {"ann": "r", "bob": "w"}
     assert await other.members(d) == {}
+
+
+async def test_leases_fence_a_process_that_let_its_lapse(logs):
+    log, other, _ = logs
+    a, b = f"p-{uuid.uuid4().hex[:8]}", f"p-{uuid.uuid4().hex[:8]}"
+    assert await log.heartbeat(a, 0.5) is True, "registers"
+    assert await log.heartbeat(a, 0.5) is True, "renews"
+    assert await other.heartbeat(b, 30) is True
+    await trio.sleep(0.7)
+    assert await log.heartbeat(a, 0.5) is False, "expired: fenced"
+    await other.take_orphans(b)  # marks a dead
+    assert await log.heartbeat(a, 0.5) is False, "dead stays dead"
+    assert await other.heartbeat(b, 30) is True
+
+
+async def test_replies_in_flight_checkpoints_and_takeover(logs):
+    log, other, _ = logs
+    c = _conv()
+    r1, r2 = f"~{c}-1", f"~{c}-2"
+    owner, taker = f"p-{uuid.uuid4().hex[:8]}", f"p-{uuid.uuid4().hex[:8]}"
+    await log.heartbeat(owner, 0.5)
+    await other.heartbeat(taker, 30)
+    meta = '{"reply_to": 1, "user": "assistant", "role": "assistant", "ts": 1}'
+    await log.register_replies(owner, [Registration(r1, c, meta), Registration(r2, c, meta)])
+    # Registering again changes nothing (a retried batch).
+    await log.register_replies(owner, [Registration(r1, c, "{}")])
+    await log.checkpoint(owner, [Checkpoint(r1, 0, "héllo"), Checkpoint(r2, 0, "x")])
+    await log.checkpoint(owner, [Checkpoint(r1, 5, " wörld")])
+    await log.checkpoint(owner, [Checkpoint(r1, 3, "stale")])  # not at 3: ignored
+    await log.checkpoint(taker, [Checkpoint(r2, 1, "not mine")])  # not its owner: ignored
+    held = {f.stream: (f.text, f.meta["reply_to"]) for f in await other.inflight(c)}
+    assert held == {r1: ("héllo wörld", 1), r2: ("x", 1)}
+    assert await other.take_orphans(taker) == [], "the owner is alive"
+    await trio.sleep(0.7)
+    taken = sorted(await other.take_orphans(taker), key=lambda o: o.stream)
+    assert [(o.stream, o.conv, o.text) for o in taken] == [
+        (r1, c, "héllo wörld"),
+        (r2, c, "x"),
+    ]
+    assert await log.take_orphans(f"p-{uuid.uuid4().hex[:8]}") == [], "taken once"
+    # The owner, waking late, can no longer append (it is not the owner).
+    await log.checkpoint(owner, [Checkpoint(r1, 11, "!")])
+    # The final commit removes the row in the same transaction; a failed reply is dropped.
+    msg = NewMessage(c, r1, "assistant", "héllo wörld", role="assistant", status="interrupted")
+    results, _ = await other.commit([msg], [], False, finished=[r1])
+    assert results[0].message["status"] == "interrupted"
+    await other.drop_reply(r2)
+    assert await log.inflight(c) == []

@@ -101,6 +101,27 @@ async def test_the_lane_extends_partials_atomically_and_publishes_frames(transpo
     assert [m.data for m in got] == ['{"end":1}']
 
 
+async def test_a_seized_reply_takes_no_more_from_its_old_owner(transports):
+    """Takeover fences the transport: after ``seize_partial`` the old owner's lane
+    ops are refused (-2, nothing published), except the one that ends the reply."""
+    t, other, _ = transports
+    c = _conv()
+    await _subscribed(other, c)
+    sizes = await t.lane([_op(c, "~z", ["abc"], 1, 0, "abc", ['{"d":1}'])], 60)
+    assert await other.seize_partial(c, "~z", 60) == "abc"
+    assert await other.seize_partial(c, "~none", 60) is None
+    refused = await t.lane([_op(c, "~z", ["abc", "def"], 2, sizes[0], "def", ['{"d":2}'])], 60)
+    assert refused == [-2]
+    rewrite = await t.lane([_op(c, "~z", ["abc", "def"], 2, -1, "abcdef", ['{"d":3}'])], 60)
+    assert rewrite == [-2], "not by rewriting it whole either"
+    assert await t.read_partial(c, "~z") == "abc"
+    # Its end (by the taker, or a late duplicate) still goes through.
+    assert await other.lane([_op(c, "~z", ["abc"], 1, -1, "", ['{"end":1}'], meta="")], 60) == [0]
+    got = await _until(other, lambda got: len(got) >= 2)
+    assert [m.data for m in got] == ['{"d":1}', '{"end":1}']
+    assert await t.read_streams(c) == []
+
+
 async def test_lane_metadata_of_several_replies(transports):
     t, _, _ = transports
     c = _conv()

@@ -258,7 +258,7 @@ async def test_model_failure_discards_the_partial(nursery, postgres, redis_serve
     assert len(text.split(" ")) == 5
     assert await _assistant_rows(srv, conv) == [], "Postgres never holds an incomplete reply"
     assert await srv.transport.read_streams(conv) == []
-    assert srv.engine.replies.failed == 1
+    assert srv.engine.replies.runner.failed == 1
 
 
 async def test_redis_failing_mid_stream_still_commits(
@@ -363,7 +363,7 @@ async def test_too_many_streams_is_refused_after_the_ack(
     assert err["code"] == "too_many_streams" and err["retryable"] is True
 
 
-async def test_shutdown_interrupts_generating_replies_without_writing_them(
+async def test_a_reply_cut_off_by_a_hard_stop_is_committed_interrupted(
     nursery, postgres, redis_server, connect, conv
 ):
     cfg = _fast(postgres, redis_server)
@@ -386,9 +386,11 @@ async def test_shutdown_interrupts_generating_replies_without_writing_them(
         while not box.get("done"):
             await trio.sleep(0.01)
     assert srv.engine.replies.active == {}
-    err = await viewer.expect("stream.error", stream=ack["stream"])
-    assert err["code"] == "interrupted"
-    assert await _assistant_rows(viewer_srv, conv) == []
+    end = await viewer.expect("stream.end", stream=ack["stream"])
+    assert end["status"] == "interrupted"
+    rows = await _assistant_rows(viewer_srv, conv)
+    assert [(r["client_id"], r["status"]) for r in rows] == [(ack["stream"], "interrupted")]
+    assert len(rows[0]["body"]) == end["length"] > 0
 
 
 async def test_reply_finishing_while_postgres_is_down_commits_after_recovery(
@@ -400,7 +402,7 @@ async def test_reply_finishing_while_postgres_is_down_commits_after_recovery(
     ack = await viewer.send_reply(conv, "q1", "#tokens=10 #rate=100")
     srv.chaos.break_for("postgres", 1.5)  # the reply ends (0.1 s) inside the outage
     end = await viewer.expect("stream.end", stream=ack["stream"], timeout=10)
-    assert srv.engine.replies.commit_retries > 0
+    assert srv.engine.replies.runner.commit_retries > 0
     rows = await _assistant_rows(srv, conv)
     assert [(r["seq"], r["status"]) for r in rows] == [(end["seq"], "complete")]
 

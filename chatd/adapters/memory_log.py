@@ -19,21 +19,26 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import trio
 
 from chatd.chaos import Chaos
 from chatd.errors import StoreError
 from chatd.records import (
+    Checkpoint,
     Committed,
+    InFlight,
     NewMessage,
+    Orphan,
     OutboxEvent,
+    Registration,
     Snapshot,
     event_template,
     message,
 )
 
 _ROLES = ("user", "assistant", "system")
-_STATUSES = ("complete", "stopped")
+_STATUSES = ("complete", "stopped", "interrupted")
 
 
 @dataclass
@@ -64,6 +69,10 @@ class MemoryDatabase:
         self.listeners: list[MemoryLog] = []
         #: (conv, user) -> rights
         self.members: dict[tuple[str, str], str] = {}
+        #: process -> [lease until (Trio's clock), dead]
+        self.processes: dict[str, list[Any]] = {}
+        #: stream -> its in-flight row
+        self.replies: dict[str, dict[str, Any]] = {}
 
     def now_ms(self) -> int:
         # Commit timestamps on Trio's clock: reproducible under a mock clock.
@@ -115,15 +124,21 @@ class MemoryLog:
     # -- writes -----------------------------------------------------------
 
     async def commit(
-        self, msgs: Sequence[NewMessage], published: Sequence[int], notify: bool
+        self,
+        msgs: Sequence[NewMessage],
+        published: Sequence[int],
+        notify: bool,
+        finished: Sequence[str] = (),
     ) -> tuple[list[Committed], list[OutboxEvent]]:
-        return await self._call(self._commit, list(msgs), list(published), notify)
+        return await self._call(self._commit, list(msgs), list(published), notify, list(finished))
 
     def _commit(
-        self, msgs: list[NewMessage], published: list[int], notify: bool
+        self, msgs: list[NewMessage], published: list[int], notify: bool, finished: list[str]
     ) -> tuple[list[Committed], list[OutboxEvent]]:
         db = self.db
         _check(msgs)
+        for stream in finished:
+            db.replies.pop(stream, None)
         for i in published:
             if i not in db.claimed:  # SKIP LOCKED
                 db.outbox.pop(i, None)
@@ -260,6 +275,68 @@ class MemoryLog:
 
     async def stats(self) -> dict[str, Any]:
         return await self._call(self._stats)
+
+    # -- replies in flight ---------------------------------------------------
+
+    async def heartbeat(self, process: str, lease: float) -> bool:
+        def _renew() -> bool:
+            now = trio.current_time()
+            p = self.db.processes.get(process)
+            if p is None:
+                self.db.processes[process] = [now + lease, False]
+                return True
+            if p[1] or p[0] <= now:
+                return False
+            p[0] = now + lease
+            return True
+
+        return await self._call(_renew)
+
+    async def register_replies(self, owner: str, replies: Sequence[Registration]) -> None:
+        def _insert() -> None:
+            for r in replies:
+                row = {"conv": r.conv, "owner": owner, "meta": r.meta, "body": "", "length": 0}
+                self.db.replies.setdefault(r.stream, row)
+
+        await self._call(_insert)
+
+    async def checkpoint(self, owner: str, pieces: Sequence[Checkpoint]) -> None:
+        def _append() -> None:
+            for p in pieces:
+                row = self.db.replies.get(p.stream)
+                if row is not None and row["owner"] == owner and row["length"] == p.old_length:
+                    row["body"] += p.text
+                    row["length"] += len(p.text)
+
+        await self._call(_append)
+
+    async def take_orphans(self, taker: str) -> list[Orphan]:
+        def _take() -> list[Orphan]:
+            now = trio.current_time()
+            for p in self.db.processes.values():
+                if p[0] < now:
+                    p[1] = True
+            dead = {pid for pid, p in self.db.processes.items() if p[1]}
+            out = []
+            for stream, row in self.db.replies.items():
+                if row["owner"] in dead:
+                    row["owner"] = taker
+                    out.append(Orphan(stream, row["conv"], orjson.loads(row["meta"]), row["body"]))
+            return out
+
+        return await self._call(_take)
+
+    async def inflight(self, conv: str) -> list[InFlight]:
+        return await self._call(
+            lambda: [
+                InFlight(s, orjson.loads(r["meta"]), r["body"])
+                for s, r in self.db.replies.items()
+                if r["conv"] == conv
+            ]
+        )
+
+    async def drop_reply(self, stream: str) -> None:
+        await self._call(lambda: self.db.replies.pop(stream, None))
 
     async def memberships(self, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], str]:
         return await self._call(

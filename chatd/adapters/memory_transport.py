@@ -37,6 +37,8 @@ class MemoryBroker:
         self.streams_expire: dict[str, float] = {}
         #: (conv, stream) -> (partial text, expiry).
         self.partials: dict[tuple[str, str], tuple[str, float]] = {}
+        #: (conv, stream) -> expiry: replies taken over (their old owner may not publish).
+        self.seized: dict[tuple[str, str], float] = {}
         #: Share of published messages lost on the way (a fault for simulations).
         self.drop_rate = 0.0
         self.rng = random.Random(seed)
@@ -52,6 +54,7 @@ class MemoryBroker:
         self.streams.clear()
         self.streams_expire.clear()
         self.partials.clear()
+        self.seized.clear()
         everyone = {t for subs in self.subscribers.values() for t in subs}
         for t in everyone:
             t._drop_connection()
@@ -126,13 +129,15 @@ class MemoryTransport:
     def _lane(self, ops: list[LaneOp], ttl: int) -> list[int]:
         results = [self._lane_op(op, ttl, op.expect_bytes < 0) for op in ops]
         for i, r in enumerate(results):
-            if r < 0:  # what Redis holds is not what the caller thinks: rewrite it whole
+            if r == -1:  # what Redis holds is not what the caller thinks: rewrite it whole
                 results[i] = self._lane_op(ops[i], ttl, True)
         return results
 
     def _lane_op(self, op: LaneOp, ttl: int, rewrite: bool) -> int:
         b = self.broker
         key = (op.conv, op.stream)
+        if op.meta and b.seized.get(key, 0) > trio.current_time():
+            return -2  # taken over: only its end goes through
         if rewrite:
             text = op.whole()
         else:
@@ -170,6 +175,13 @@ class MemoryTransport:
 
     async def read_partial(self, conv: str, stream: str) -> str | None:
         return await self._call(self.broker.partial, conv, stream)
+
+    async def seize_partial(self, conv: str, stream: str, ttl: int) -> str | None:
+        def _seize() -> str | None:
+            self.broker.seized[(conv, stream)] = trio.current_time() + ttl
+            return self.broker.partial(conv, stream)
+
+        return await self._call(_seize)
 
     async def stream_exists(self, conv: str, stream: str) -> bool:
         return await self._call(lambda: stream in self.broker.meta(conv))

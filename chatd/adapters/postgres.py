@@ -21,6 +21,7 @@ from typing import Any
 import asyncpg
 import trio
 
+from chatd.adapters import postgres_replies as replies
 from chatd.adapters import schema
 from chatd.adapters.bridge import Bridge
 from chatd.adapters.postgres_members import aio_members, aio_memberships, aio_set_membership
@@ -35,9 +36,13 @@ from chatd.backoff import Backoff
 from chatd.config import PostgresConfig
 from chatd.errors import StoreUnavailable
 from chatd.records import (
+    Checkpoint,
     Committed,
+    InFlight,
     NewMessage,
+    Orphan,
     OutboxEvent,
+    Registration,
     Snapshot,
     event_template,
     message,
@@ -93,12 +98,25 @@ async def _keep_session(con: asyncpg.Connection) -> None:
     """
 
 
+_COMMIT = "SELECT * FROM chatd_commit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+# A reply's final commit also deletes its in-flight row, in the same statement
+# (so the same transaction): a data-modifying CTE runs whether read or not.
+_COMMIT_FINISHING = (
+    "WITH gone AS (DELETE FROM replies_in_flight WHERE stream_id = ANY($11::text[])) " + _COMMIT
+)
+
+
 async def _aio_commit(
-    pool: asyncpg.Pool, msgs: Sequence[NewMessage], published: Sequence[int], notify: bool
+    pool: asyncpg.Pool,
+    msgs: Sequence[NewMessage],
+    published: Sequence[int],
+    notify: bool,
+    finished: Sequence[str],
 ) -> tuple[list[Committed], list[OutboxEvent]]:
     templates = [event_template(m) for m in msgs]
+    extra = [list(finished)] if finished else []
     rows = await pool.fetch(
-        "SELECT * FROM chatd_commit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        _COMMIT_FINISHING if finished else _COMMIT,
         [m.conv for m in msgs],
         [m.client_id for m in msgs],
         [m.user for m in msgs],
@@ -109,6 +127,7 @@ async def _aio_commit(
         [t[1] for t in templates],
         list(published),
         notify,
+        *extra,
     )
     results = []
     events = []
@@ -194,9 +213,31 @@ class PostgresLog:
         self._listener = Listener()
 
     async def commit(
-        self, msgs: Sequence[NewMessage], published: Sequence[int], notify: bool
+        self,
+        msgs: Sequence[NewMessage],
+        published: Sequence[int],
+        notify: bool,
+        finished: Sequence[str] = (),
     ) -> tuple[list[Committed], list[OutboxEvent]]:
-        return await self.bridge.postgres(_aio_commit, self.pool, msgs, published, notify)
+        return await self.bridge.postgres(_aio_commit, self.pool, msgs, published, notify, finished)
+
+    async def heartbeat(self, process: str, lease: float) -> bool:
+        return await self.bridge.postgres(replies.aio_heartbeat, self.pool, process, lease)
+
+    async def register_replies(self, owner: str, batch: Sequence[Registration]) -> None:
+        await self.bridge.postgres(replies.aio_register_replies, self.pool, owner, batch)
+
+    async def checkpoint(self, owner: str, pieces: Sequence[Checkpoint]) -> None:
+        await self.bridge.postgres(replies.aio_checkpoint, self.pool, owner, pieces)
+
+    async def take_orphans(self, taker: str) -> list[Orphan]:
+        return await self.bridge.postgres(replies.aio_take_orphans, self.pool, taker)
+
+    async def inflight(self, conv: str) -> list[InFlight]:
+        return await self.bridge.postgres(replies.aio_inflight, self.pool, conv)
+
+    async def drop_reply(self, stream: str) -> None:
+        await self.bridge.postgres(replies.aio_drop_reply, self.pool, stream)
 
     async def snapshots(
         self,

@@ -44,13 +44,21 @@ def _partial_prefix(conv: str) -> str:
     return f"chatd:partial:{conv}:"
 
 
+def _seized_key(conv: str, stream: str) -> str:
+    # Set when another process takes a reply over: its owner may publish no more.
+    return f"chatd:seized:{conv}:{stream}"
+
+
 # The streaming lane, one atomic call per reply per batch: extend the partial
 # (append only if Redis holds exactly what we think, else report -1 so the
 # caller rewrites it whole: Redis may have restarted empty), refresh the TTLs,
 # and publish the frames. Appending and publishing atomically means a reader
-# that subscribed first and then reads the partial misses nothing.
+# that subscribed first and then reads the partial misses nothing. A reply
+# another process seized (took over) takes no more text from its old owner:
+# -2, nothing done; only its end still goes through.
 _LANE_SCRIPT = """
 local ttl = tonumber(ARGV[6])
+if ARGV[5] ~= '' and redis.call('EXISTS', KEYS[3]) == 1 then return -2 end
 if ARGV[2] == 'a' then
   if redis.call('STRLEN', KEYS[1]) ~= tonumber(ARGV[3]) then return -1 end
   if ARGV[4] ~= '' then redis.call('APPEND', KEYS[1], ARGV[4]) end
@@ -67,6 +75,13 @@ else
 end
 for i = 8, #ARGV do redis.call('PUBLISH', ARGV[7], ARGV[i]) end
 return redis.call('STRLEN', KEYS[1])
+"""
+
+# Take a reply over: from now on its old owner's lane ops are refused; returns
+# the partial as it is at that moment (so it is everything anyone was sent).
+_SEIZE_SCRIPT = """
+redis.call('SET', KEYS[2], '1', 'EX', tonumber(ARGV[1]))
+return redis.call('GET', KEYS[1])
 """
 
 # Every in-flight reply of a conversation with its partial text, atomically.
@@ -133,16 +148,23 @@ def _lane_args(op: LaneOp, ttl: int, rewrite: bool) -> list[Any]:
 
 
 async def _aio_lane(client: aioredis.Redis, ops: Sequence[LaneOp], ttl: int) -> list[int]:
-    keys = [(_partial_prefix(op.conv) + op.stream, _streams_key(op.conv)) for op in ops]
+    keys = [
+        (
+            _partial_prefix(op.conv) + op.stream,
+            _streams_key(op.conv),
+            _seized_key(op.conv, op.stream),
+        )
+        for op in ops
+    ]
     async with client.pipeline(transaction=False) as pipe:
-        for op, (k1, k2) in zip(ops, keys, strict=True):
-            pipe.eval(_LANE_SCRIPT, 2, k1, k2, *_lane_args(op, ttl, op.expect_bytes < 0))
+        for op, (k1, k2, k3) in zip(ops, keys, strict=True):
+            pipe.eval(_LANE_SCRIPT, 3, k1, k2, k3, *_lane_args(op, ttl, op.expect_bytes < 0))
         results = [int(r) for r in await pipe.execute()]
-    stale = [i for i, r in enumerate(results) if r < 0]
+    stale = [i for i, r in enumerate(results) if r == -1]
     if stale:
         async with client.pipeline(transaction=False) as pipe:
             for i in stale:
-                pipe.eval(_LANE_SCRIPT, 2, *keys[i], *_lane_args(ops[i], ttl, True))
+                pipe.eval(_LANE_SCRIPT, 3, *keys[i], *_lane_args(ops[i], ttl, True))
             for i, r in zip(stale, await pipe.execute(), strict=True):
                 results[i] = int(r)
     return results
@@ -162,6 +184,13 @@ async def _aio_read_streams(client: aioredis.Redis, conv: str) -> list[InFlight]
 
 async def _aio_read_partial(client: aioredis.Redis, conv: str, stream: str) -> str | None:
     return await client.get(_partial_prefix(conv) + stream)
+
+
+async def _aio_seize_partial(
+    client: aioredis.Redis, conv: str, stream: str, ttl: int
+) -> str | None:
+    keys = (_partial_prefix(conv) + stream, _seized_key(conv, stream))
+    return await client.eval(_SEIZE_SCRIPT, 2, *keys, ttl)
 
 
 async def _aio_stream_exists(client: aioredis.Redis, conv: str, stream: str) -> bool:
@@ -199,6 +228,9 @@ class RedisTransport:
 
     async def read_partial(self, conv: str, stream: str) -> str | None:
         return await self.bridge.redis(_aio_read_partial, self.client, conv, stream)
+
+    async def seize_partial(self, conv: str, stream: str, ttl: int) -> str | None:
+        return await self.bridge.redis(_aio_seize_partial, self.client, conv, stream, ttl)
 
     async def stream_exists(self, conv: str, stream: str) -> bool:
         return await self.bridge.redis(_aio_stream_exists, self.client, conv, stream)

@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from chatd.bench import abuse, auth, idle, load, reads, reconnect, sends, stream
+from chatd.bench import abuse, auth, idle, load, reads, reconnect, sends, stream, survive
 from chatd.config import Config
 
 _BENCHES = {
@@ -27,6 +27,7 @@ _BENCHES = {
     "reconnect": reconnect,
     "sends": sends,
     "stream": stream,
+    "survive": survive,
 }
 
 

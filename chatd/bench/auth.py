@@ -96,6 +96,33 @@ async def _handshakes(url: str, args: argparse.Namespace, hello: Any) -> dict[st
     }
 
 
+async def _verify_cost(es_key: Any, es_pem: str, n: int = 2000) -> dict[str, float]:
+    """CPU microseconds per token verified in this process (no network): the part
+    of a handshake that authentication adds."""
+    from chatd.adapters.keys import open_keys
+    from chatd.config import AuthConfig
+    from chatd.tokens import TokenVerifier
+
+    out = {}
+    for name, cfg, key, alg in (
+        ("HS256", AuthConfig(mode="jwt", secret=_SECRET), _SECRET, "HS256"),
+        (
+            "ES256",
+            AuthConfig(mode="jwt", algorithms=("ES256",), public_key_file=es_pem),
+            es_key,
+            "ES256",
+        ),
+    ):
+        tokens = [_token(key, alg, f"v{i}") for i in range(n)]
+        async with open_keys(cfg) as keys:
+            verifier = TokenVerifier(cfg, keys, ("assistant",))
+            t0 = time.process_time()
+            for t in tokens:
+                await verifier.verify(t)
+            out[name] = 1e6 * (time.process_time() - t0) / n
+    return out
+
+
 def _serve(config: Config, tmp: Path, auth: dict[str, Any], limits: dict[str, Any]) -> Any:
     return start_chatd(config, tmp, {"auth": auth, "limits": limits}, env={})
 
@@ -108,6 +135,7 @@ def run(config: Config, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     results: dict[str, Any] = {"machine": machine(), "args": vars(args) | {"func": None}}
     print(f"machine: {results['machine']}")
     es_key, es_pem = _es256(tmp)
+    results["verify_us"] = trio.run(_verify_cost, es_key, es_pem)
     modes = {
         "anonymous": ({"mode": "anonymous"}, anonymous_hello),
         "jwt HS256": (
@@ -166,6 +194,9 @@ def run(config: Config, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
 
 def _print(r: dict[str, Any]) -> None:
+    print()
+    verify = ", ".join(f"{alg} {us:.0f} us" for alg, us in r["verify_us"].items())
+    print(f"token verification alone, CPU per token (in process): {verify}")
     print()
     print(f"{'handshakes':24} {'per s':>8} {'p50':>8} {'p99':>8} {'cpu/hs':>8} {'err':>4}")
     base = r["handshakes"]["anonymous"]["per_s"]

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
-from chatd.embedded.processes import _children, _tail, _wait, free_port
+from chatd.embedded.processes import _tail, _wait, children, free_port
 from chatd.errors import ServiceStartError
 
 log = logging.getLogger("chatd.embedded")
@@ -319,7 +319,7 @@ class PostgresServer:
         if self.proc is None or self.proc.poll() is not None:
             return
         os.kill(self.proc.pid, sig)  # first, so it forks nothing new meanwhile
-        for pid in _children(self.proc.pid):
+        for pid in children(self.proc.pid):
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:

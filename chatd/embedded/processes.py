@@ -14,7 +14,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _children(ppid: int) -> list[int]:
+def children(ppid: int) -> list[int]:
     """Direct children of ``ppid``, from /proc."""
     out = []
     for entry in Path("/proc").iterdir():

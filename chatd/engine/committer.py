@@ -25,7 +25,7 @@ submitter runs in the committer's task.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -119,13 +119,14 @@ class Committer:
             raise outcome.result
         return outcome.result
 
-    async def commit_now(self, msg: NewMessage) -> Committed:
+    async def commit_now(self, msg: NewMessage, finished: Sequence[str] = ()) -> Committed:
         """Commit ``msg`` in its own transaction, in the caller's task, bypassing the queue.
 
         For a reply's final commit: it must not depend on the committer's task,
         which may already be gone when a shielded commit runs during shutdown.
+        ``finished``: the reply's in-flight row, deleted in the same transaction.
         """
-        results, events = await self._log.commit([msg], [], self._notify)
+        results, events = await self._log.commit([msg], [], self._notify, finished)
         self._hand_over(events)
         if not results[0].duplicate:
             self.committed += 1

@@ -200,7 +200,14 @@ async def open_engine(
         open_relay(
             log, transport, config.relay, config.retry, committer=committer, fresh=fresh_receive
         ) as relay,
-        open_hub(log, transport, config.store, config.retry, control=control_send) as hub,
+        open_hub(
+            log,
+            transport,
+            config.store,
+            config.retry,
+            control=control_send,
+            checkpoints=config.streams.persistence == "checkpoint",
+        ) as hub,
         open_access(log, config.auth) as access,
         open_replies(
             config.streams,

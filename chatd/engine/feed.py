@@ -113,6 +113,14 @@ class Resync:
     pass
 
 
+def _longest(a: list[InFlight], b: list[InFlight]) -> list[InFlight]:
+    best: dict[str, InFlight] = {}
+    for f in [*a, *b]:
+        if f.stream not in best or len(f.text) > len(best[f.stream].text):
+            best[f.stream] = f
+    return list(best.values())
+
+
 class Feed:
     """All local subscribers of one conversation; :meth:`run` is its task."""
 
@@ -124,8 +132,11 @@ class Feed:
         cfg: StoreConfig,
         retry: RetryConfig,
         counters: Counters,
+        checkpoints: bool = False,
     ) -> None:
         self.conv = conv
+        #: The log also holds in-flight replies' text (checkpoint mode).
+        self._checkpoints = checkpoints
         self.log = log
         self.transport = transport
         self._cfg = cfg
@@ -255,6 +266,15 @@ class Feed:
         except Unavailable as exc:
             log.debug("no in-flight replies for %s: %s", self.conv, exc)
             inflight = []
+        if self._checkpoints:
+            # Redis may have lost a partial (or all of them): the checkpoint holds
+            # a prefix too. Per reply, the longer of the two knows more.
+            try:
+                held = await self.log.inflight(self.conv)
+            except Unavailable as exc:
+                log.debug("no checkpoints for %s: %s", self.conv, exc)
+                held = []
+            inflight = _longest(inflight, held)
         try:
             # Replies a client says it holds part of count too: the transport may
             # not have reported them, and a committed one is over for that client.

@@ -71,8 +71,10 @@ class Hub:
         cfg: StoreConfig,
         retry: RetryConfig,
         control: trio.MemorySendChannel[str],
+        checkpoints: bool = False,
     ) -> None:
         self._log = log
+        self._checkpoints = checkpoints
         self._transport = transport
         self._cfg = cfg
         self._retry = retry
@@ -153,7 +155,15 @@ class Hub:
                     feed.close()
 
     def _new_feed(self, conv: str) -> Feed:
-        return Feed(conv, self._log, self._transport, self._cfg, self._retry, self.counters)
+        return Feed(
+            conv,
+            self._log,
+            self._transport,
+            self._cfg,
+            self._retry,
+            self.counters,
+            self._checkpoints,
+        )
 
     # -- the router ---------------------------------------------------------
 
@@ -234,9 +244,13 @@ async def open_hub(
     retry: RetryConfig,
     *,
     control: trio.MemorySendChannel[str],
+    checkpoints: bool = False,
 ) -> AsyncIterator[Hub]:
-    """Route the transport's events to local subscribers for the duration of the block."""
-    hub = Hub(log, transport, cfg, retry, control)
+    """Route the transport's events to local subscribers for the duration of the block.
+
+    ``checkpoints``: joining clients also get in-flight replies' text from the log.
+    """
+    hub = Hub(log, transport, cfg, retry, control, checkpoints)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(hub._membership, name="hub membership")
         nursery.start_soon(hub._router, name="hub router")

@@ -6,7 +6,8 @@ outage cannot abort generation. The lane's one task ships every dirty reply
 in one transport call per batch: the partial is extended (with a TTL) and a
 delta with its offset is published, atomically per reply. A failed batch is
 counted, not raised, and retried from the last offset the transport
-acknowledged, so deltas stay contiguous.
+acknowledged, so deltas stay contiguous. A reply the transport reports seized
+(another process took it over) is given up at once.
 """
 
 from __future__ import annotations
@@ -54,8 +55,12 @@ class Lane:
                 if interval:
                     await trio.sleep(interval)
                 self._dirty = trio.Event()
-                batch = list(self._pending.values())
+                # A reply not registered yet waits (custody marks it when it is):
+                # what subscribers see must have an owner the log knows.
+                batch = [r for r in self._pending.values() if r.registered or r.end_frame]
                 self._pending.clear()
+                if not batch:
+                    continue
                 try:
                     await self.send(batch)
                 except BusUnavailable as exc:
@@ -120,6 +125,14 @@ class Lane:
                 r.sent_bytes = -1
             raise
         for r, (n, offset, ending), size in zip(batch, covers, results, strict=True):
+            if size == -2:
+                # Another process took this reply over (this one was presumed
+                # dead): it ends it; this one stops, publishing nothing more.
+                r.taken = True
+                if r.scope is not None:
+                    r.scope.cancel()
+                r.wake()
+                continue
             if offset > r.sent_offset:
                 self.deltas += 1
             r.sent_parts, r.sent_offset, r.sent_bytes = n, offset, size

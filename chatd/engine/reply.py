@@ -30,6 +30,14 @@ class Reply:
     stopped: bool = False
     #: Cut off by a shutdown while generating.
     interrupted: bool = False
+    #: Taken over by another process (this one was presumed dead): not ours to end.
+    taken: bool = False
+    #: Recorded in the log under this process's lease (engine/custody.py). Until
+    #: then the lane publishes nothing of it, unless it has ended.
+    registered: bool = False
+    #: The parts and code points the log holds (checkpoint mode).
+    checkpointed_parts: int = 0
+    checkpointed: int = 0
     truncated: bool = False
     scope: trio.CancelScope | None = None
     # What the transport has acknowledged (the lane's bookkeeping).

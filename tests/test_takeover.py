@@ -1,0 +1,245 @@
+"""Replies survive their process: leases, takeover, fencing and checkpoints. Engine
+tests, on the memory adapters (autojump clock) and on the real servers.
+
+A process is "cut off" by opening its chaos gates for both Postgres and Redis:
+it can no longer renew its lease, commit or publish, which is what a paused
+(SIGSTOP) or partitioned process looks like to the others. Real SIGKILLs and
+SIGSTOPs of real processes are in tests/test_process_faults.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import trio
+
+from chatd.records import NewMessage
+from tests.engine_env import Env
+
+FAST = {"lease": 1.0, "takeover_interval": 0.3, "commit_timeout": 5.0}
+#: A dead owner's reply must end within lease + takeover interval (+ one commit).
+BOUND = FAST["lease"] + FAST["takeover_interval"] + 1.5
+
+
+def _cut_off(run) -> None:
+    run.chaos.break_for("postgres", math.inf)
+    run.chaos.break_for("redis", math.inf)
+
+
+async def _assistant(run, conv: str) -> list[dict]:
+    return [m for m in await run.engine.log.after(conv, 0, 100) if m["role"] == "assistant"]
+
+
+async def test_a_cut_off_processs_reply_is_taken_over_and_ends_everywhere(env: Env, clock):
+    model = {"fake_tokens": 400, "fake_token_rate": 20.0}
+    a = await env.start(streams=FAST, model=model)
+    b = await env.start(streams=FAST, model=model)
+    conv = env.conv()
+    watcher = await b.connect("watcher")
+    await watcher.subscribe(conv)
+    asker = await a.connect("asker")
+    stream = (await asker.send_reply(conv, "q", "long"))["stream"]
+    text = ""
+    while len(text.split(" ")) < 10:
+        f = await watcher._next_stream_frame(conv, stream, 10)
+        if f["type"] == "delta":
+            text += f["text"]
+    _cut_off(a)
+    t0 = trio.current_time()
+    end = await watcher.expect("stream.end", stream=stream, timeout=10)
+    took = trio.current_time() - t0
+    assert end["status"] == "interrupted"
+    assert took <= BOUND, f"ended {took:.1f}s after its owner was cut off (bound {BOUND}s)"
+    (row,) = await _assistant(b, conv)
+    assert row["id"] == stream and row["status"] == "interrupted"
+    assert row["text"].startswith(text[: len(row["text"])]) or text.startswith(row["text"])
+    # (>= 1: on the real servers, orphans other tests left in the shared database count too.)
+    assert b.engine.replies.runner.takeovers >= 1
+    # Nobody sees it in flight any more.
+    late = await b.connect("late")
+    snap = await late.subscribe(conv)
+    assert snap["streams"] == [] and [m["id"] for m in snap["messages"]][-1] == stream
+    assert await b.engine.log.inflight(conv) == []
+    # The owner comes back: fenced, it gives the reply up; no second message.
+    a.chaos.heal()
+    with trio.fail_after(10):
+        while a.engine.replies.custody.fenced < 1:
+            await trio.sleep(0.1)
+    with trio.fail_after(10):
+        while a.engine.replies.active:
+            await trio.sleep(0.1)
+    await trio.sleep(1)
+    rows = await _assistant(b, conv)
+    assert [(r["id"], r["status"], r["text"]) for r in rows] == [
+        (stream, "interrupted", row["text"])
+    ]
+
+
+async def test_a_late_commit_by_a_fenced_owner_changes_nothing(env: Env, clock):
+    """The rule: a reply's id is the idempotency key of its commit. The first
+    commit wins; a later one (its owner woke after the takeover) is a duplicate
+    and reports the stored message."""
+    run = await env.start(streams=FAST)
+    conv = env.conv()
+    committer = run.engine.committer
+    first = NewMessage(
+        conv, "~x1", "assistant", "what the taker knew", role="assistant", status="interrupted"
+    )
+    late = NewMessage(conv, "~x1", "assistant", "the whole reply, later", role="assistant")
+    taken = await committer.commit_now(first, finished=["~x1"])
+    again = await committer.commit_now(late, finished=["~x1"])
+    assert not taken.duplicate and again.duplicate
+    assert (
+        again.message["text"] == "what the taker knew" and again.message["status"] == "interrupted"
+    )
+    assert [m["text"] for m in await _assistant(run, conv)] == ["what the taker knew"]
+
+
+async def test_checkpoints_survive_the_owner_and_redis_lost_together(env: Env, clock):
+    streams = {**FAST, "persistence": "checkpoint", "checkpoint_interval_ms": 50.0}
+    model = {"fake_tokens": 400, "fake_token_rate": 40.0}
+    a = await env.start(streams=streams, model=model)
+    b = await env.start(streams=streams, model=model)
+    conv = env.conv()
+    watcher = await b.connect("watcher")
+    await watcher.subscribe(conv)
+    asker = await a.connect("asker")
+    stream = (await asker.send_reply(conv, "q", "long"))["stream"]
+    text = ""
+    while len(text.split(" ")) < 30:
+        f = await watcher._next_stream_frame(conv, stream, 10)
+        if f["type"] == "delta":
+            text += f["text"]
+    await trio.sleep(0.2)  # a checkpoint or two since
+    held = {f.stream: f.text for f in await b.engine.log.inflight(conv)}
+    assert len(held[stream]) > 0, "the partial is in Postgres as it generates"
+    _cut_off(a)
+    await _lose_redis(env, b)
+    end = await watcher.expect("stream.end", stream=stream, timeout=10)
+    assert end["status"] == "interrupted"
+    (row,) = await _assistant(b, conv)
+    assert len(row["text"]) >= len(held[stream]), "at least everything checkpointed"
+    full = row["text"] if len(row["text"]) > len(text) else text
+    assert full.startswith(row["text"]) and full.startswith(text), "one reply's prefixes"
+
+
+async def _lose_redis(env: Env, run) -> None:
+    """Redis comes back empty: every partial and subscription is gone."""
+    if env.kind == "memory":
+        env.broker.restart()
+        return
+    tr = run.engine.transport
+    await tr.bridge.redis(lambda client: client.flushall(), tr.client)
+
+
+async def test_a_joiner_gets_the_checkpoint_when_redis_lost_the_partial(env: Env, clock):
+    streams = {**FAST, "persistence": "checkpoint", "checkpoint_interval_ms": 50.0}
+    run = await env.start(streams=streams, model={"fake_tokens": 200, "fake_token_rate": 40.0})
+    conv = env.conv()
+    asker = await run.connect("asker")
+    stream = (await asker.send_reply(conv, "q", "long"))["stream"]
+    await trio.sleep(1.0)
+    await _lose_redis(env, run)
+    joiner = await run.connect("joiner")
+    snap = await joiner.subscribe(conv)
+    (inflight,) = [s for s in snap["streams"] if s["stream"] == stream]
+    assert inflight["offset"] == 0 and len(inflight["text"]) > 0, "from the checkpoint"
+    final, end = await joiner.follow(conv, stream, have=inflight["text"], timeout=20)
+    assert end["type"] == "stream.end" and end["status"] == "complete"
+    (row,) = await _assistant(run, conv)
+    assert row["text"] == final, "checkpoint + tail = the committed reply, no gap, no repeat"
+
+
+async def test_a_failed_reply_leaves_nothing_to_take_over(env: Env, clock):
+    run = await env.start(streams=FAST)
+    conv = env.conv()
+    viewer = await run.connect("viewer")
+    await viewer.subscribe(conv)
+    stream = (await viewer.send_reply(conv, "q", "#fail@3"))["stream"]
+    end = await viewer.expect("stream.error", stream=stream)
+    assert end["code"] == "model_failed"
+    with trio.fail_after(5):
+        while await run.engine.log.inflight(conv):
+            await trio.sleep(0.1)
+    assert await _assistant(run, conv) == [], "a failed reply is never stored"
+
+
+async def test_a_reply_is_published_only_once_the_log_knows_its_owner(env: Env, clock):
+    """Registration is batched and retried in the background: a slow Postgres
+    delays a reply's first delta, never refuses the reply, and nothing is
+    published before the reply has an owner the log knows (else a crash in
+    between would leave subscribers with a reply nobody can take over)."""
+    # A lease long enough that the slow log does not fence the process.
+    streams = {**FAST, "lease": 3.0}
+    run = await env.start(streams=streams, model={"fake_tokens": 40, "fake_token_rate": 20.0})
+    conv = env.conv()
+    watcher = await run.connect("watcher")
+    await watcher.subscribe(conv)
+    asker = await run.connect("asker")
+    # Every Postgres call takes 0.6 s more for a while: the prompt's commit, then
+    # the registration, while the reply generates at 20 tokens/s.
+    run.chaos.break_for("postgres", 2.0, latency=0.6)
+    stream = (await asker.send_reply(conv, "q", "slow log"))["stream"]
+    first = await watcher._next_stream_frame(conv, stream, 10)
+    assert first["type"] == "stream.start"
+    r = run.engine.replies.active[stream]
+    assert r.registered, "published before the log knew its owner"
+    text, end = await watcher.follow(conv, stream, timeout=20)
+    assert end["type"] == "stream.end" and end["status"] == "complete"
+    (row,) = await _assistant(run, conv)
+    assert row["text"] == text and len(text.split(" ")) == 40
+
+
+async def test_an_orphan_that_said_nothing_ends_with_nothing_stored(env: Env, clock):
+    """Taken over before its first token reached anyone: like a reply stopped before it
+    began, it ends with ``stream.error`` and no message (not an empty one)."""
+    slow = {"fake_tokens": 5, "fake_token_rate": 0.1}  # the first token after 10 s
+    a = await env.start(streams=FAST, model=slow)
+    b = await env.start(streams=FAST, model=slow)
+    conv = env.conv()
+    watcher = await b.connect("watcher")
+    await watcher.subscribe(conv)
+    asker = await a.connect("asker")
+    stream = (await asker.send_reply(conv, "q", "slow model"))["stream"]
+    start = await watcher._next_stream_frame(conv, stream, 10)
+    assert start["type"] == "stream.start"  # registered, and visible
+    _cut_off(a)
+    end = await watcher._next_stream_frame(conv, stream, BOUND + 1)
+    assert end["type"] == "stream.error" and end["code"] == "interrupted", end
+    assert await _assistant(b, conv) == []
+    assert await b.engine.log.inflight(conv) == []
+
+
+async def test_the_taker_fences_a_live_owner_through_the_transport(env: Env, clock):
+    """An owner cut off from Postgres only (its lease lapses, but it still reaches
+    Redis and keeps generating): once the taker seized the reply, the owner's
+    next lane batch is refused, so it publishes nothing after what the taker
+    committed, and it gives the reply up before its heartbeat could tell it."""
+    model = {"fake_tokens": 400, "fake_token_rate": 20.0}
+    a = await env.start(streams=FAST, model=model)
+    b = await env.start(streams=FAST, model=model)
+    conv = env.conv()
+    watcher = await b.connect("watcher")
+    await watcher.subscribe(conv)
+    asker = await a.connect("asker")
+    stream = (await asker.send_reply(conv, "q", "long"))["stream"]
+    text = ""
+    while len(text.split(" ")) < 5:
+        f = await watcher._next_stream_frame(conv, stream, 10)
+        if f["type"] == "delta":
+            text += f["text"]
+    a.chaos.break_for("postgres", math.inf)
+    while True:
+        f = await watcher._next_stream_frame(conv, stream, BOUND + 1)
+        if f["type"] != "delta":
+            break
+        text += f["text"]
+    assert f["type"] == "stream.end" and f["status"] == "interrupted", f
+    (row,) = await _assistant(b, conv)
+    assert row["text"].startswith(text), "the taker committed everything anyone was sent"
+    with trio.fail_after(2):
+        while a.engine.replies.active:
+            await trio.sleep(0.05)
+    assert a.engine.replies.custody.fenced == 0, "the transport told it, not its lease"
+    assert await b.engine.transport.read_partial(conv, stream) is None
+    a.chaos.heal()
