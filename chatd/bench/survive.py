@@ -63,7 +63,17 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--replies", type=int, default=10, help="replies on A at each kill")
     s.add_argument("--rate", type=float, default=20.0, help="tokens per second per reply")
     s.add_argument("--lease", type=float, default=5.0, help="[streams].lease for both processes")
-    s.add_argument("--takeover-interval", type=float, default=1.0, help="[streams]")
+    s.add_argument(
+        "--takeover-interval",
+        type=float,
+        default=1.0,
+        help="[streams].takeover_interval for both processes",
+    )
+    s.add_argument(
+        "--cases",
+        default="redis_intact,redis_lost",
+        help="comma-separated: redis_intact (Redis keeps the partial), redis_lost (flushed at the kill)",
+    )
     s.add_argument("--kill-after", default="1.5,5", help="kill A at a uniform time in MIN,MAX s")
     s.add_argument("--cost-replies", type=int, default=20, help="replies in the cost phase")
     s.add_argument("--cost-seconds", type=float, default=15.0, help="measured cost window")
@@ -396,6 +406,9 @@ def run(config: Config, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     import trio
 
     lo, hi = (float(x) for x in args.kill_after.split(","))
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    if not cases or set(cases) - {"redis_intact", "redis_lost"}:
+        raise SystemExit(f"--cases: expected redis_intact and/or redis_lost, got {args.cases!r}")
     rng = random.Random(args.seed)
     results: dict[str, Any] = {"machine": machine(), "args": vars(args) | {"func": None}}
     print(f"machine: {results['machine']}")
@@ -414,7 +427,8 @@ def run(config: Config, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             )
             mode: dict[str, Any] = {"mode": name, "streams": streams}
             mode["cost"] = trio.run(_cost_drive, b_url, config, args, b.pid)
-            for case, redis_url in (("redis_intact", None), ("redis_lost", config.redis.url)):
+            for case in cases:
+                redis_url = config.redis.url if case == "redis_lost" else None
                 samples: list[dict[str, Any]] = []
                 for k in range(args.kills):
                     print(f"{name}: {case} kill {k + 1}/{args.kills}", flush=True)

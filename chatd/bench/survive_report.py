@@ -23,6 +23,8 @@ def print_table(results: dict[str, Any]) -> None:
     )
     for m in results["modes"]:
         for key, label in _CASES:
+            if key not in m:
+                continue
             s = m[key]
             chars = f"{_num(s['lost_chars_p50'], '.0f')}/{_num(s['lost_chars_max'], '.0f')}"
             toks = f"{_num(s['lost_tokens_p50'], '.0f')}/{_num(s['lost_tokens_max'], '.0f')}"
@@ -81,6 +83,8 @@ def plot(results: dict[str, Any], path: str) -> None:
         for m in results["modes"]:
             x = m["cost"][cost_key]
             for key, marker in (("redis_lost", "o"), ("redis_intact", "x")):
+                if key not in m:
+                    continue
                 s = m[key]
                 p50, top = s["lost_tokens_p50"], s["lost_tokens_max"]
                 ax.errorbar(
@@ -91,7 +95,8 @@ def plot(results: dict[str, Any], path: str) -> None:
                     capsize=3,
                     color="C1" if key == "redis_lost" else "C0",
                 )
-            ax.annotate(m["mode"], (x, m["redis_lost"]["lost_tokens_p50"]), fontsize=8)
+            shown = m.get("redis_lost") or m["redis_intact"]
+            ax.annotate(m["mode"], (x, shown["lost_tokens_p50"]), fontsize=8)
         ax.set_yscale("symlog", linthresh=1)
         ax.set_xlabel(f"{label} while generating")
         ax.grid(True, alpha=0.3)
