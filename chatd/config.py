@@ -58,6 +58,9 @@ class PostgresConfig:
     connect_timeout: float = 5.0
     #: Deadline for every Postgres call made through the gateway.
     command_timeout: float = 5.0
+    #: Pool connections reads (snapshots, catch-up, history, memberships) may
+    #: hold at once; the others are kept for commits, the relay and leases.
+    reads_in_flight: int = 6
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,16 @@ class StoreConfig:
     #: Most missed messages a reconnect recovers; beyond it ``recovered`` is false.
     max_catchup: int = 1000
     history_max: int = 500
+    #: Joins are served in batches: the conversations whose snapshots one batch
+    #: loads together (one round trip each to Redis and Postgres), and the
+    #: batches loading at once; later joins wait their turn (no deadline runs
+    #: while they wait).
+    join_batch: int = 256
+    join_loads: int = 2
+    #: Largest snapshot or history page, in bytes of messages (about). A
+    #: catch-up beyond it is sent in pages the client asks for one by one
+    #: (docs/protocol.md), so no client pins more than this in one frame.
+    page_bytes: int = 1024 * 1024
 
 
 @dataclass(frozen=True)

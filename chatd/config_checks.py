@@ -74,6 +74,13 @@ def validate(config: Config) -> None:
         (config.server.send_queue_frames >= 8, "[server].send_queue_frames must be at least 8"),
         (config.server.max_inflight_sends >= 1, "[server].max_inflight_sends must be at least 1"),
         (config.postgres.pool_max >= 2, "[postgres].pool_max must be at least 2"),
+        (config.store.join_batch >= 1, "[store].join_batch must be at least 1"),
+        (config.store.join_loads >= 1, "[store].join_loads must be at least 1"),
+        (config.store.page_bytes >= 1024, "[store].page_bytes must be at least 1024"),
+        (
+            1 <= config.postgres.reads_in_flight < config.postgres.pool_max,
+            "[postgres].reads_in_flight must be at least 1 and below [postgres].pool_max",
+        ),
         (
             config.postgres.pool_min <= config.postgres.pool_max,
             "[postgres].pool_min must not exceed [postgres].pool_max",

@@ -34,6 +34,7 @@ from chatd.records import (
     OutboxEvent,
     Registration,
     Snapshot,
+    SnapshotAsk,
 )
 
 
@@ -61,16 +62,12 @@ class Log(Protocol):
         ...
 
     async def snapshots(
-        self,
-        conv: str,
-        afters: Sequence[int | None],
-        limit: int,
-        max_catchup: int,
-        streams: Sequence[str],
-    ) -> list[Snapshot]:
-        """One consistent snapshot per cursor in ``afters``: every message after it
-        if at most ``max_catchup``, else (or with no cursor) the latest ``limit``.
-        ``streams``: reply ids; those already committed are reported."""
+        self, asks: Sequence[SnapshotAsk], limit: int, max_catchup: int
+    ) -> list[list[Snapshot]]:
+        """For each ask, one snapshot per cursor, all in one round trip and one
+        consistent view: every message after the cursor if at most
+        ``max_catchup``, else (or with no cursor) the latest ``limit``. Those of
+        the ask's ``streams`` (reply ids) already committed are reported."""
         ...
 
     async def after(self, conv: str, after: int, limit: int) -> list[dict[str, Any]]:
@@ -131,8 +128,9 @@ class Log(Protocol):
         owns to ``taker`` (atomically: two takers never get the same reply)."""
         ...
 
-    async def inflight(self, conv: str) -> list[InFlight]:
-        """The conversation's replies in flight, with their checkpointed text."""
+    async def inflight(self, convs: Sequence[str]) -> list[list[InFlight]]:
+        """Per conversation, its replies in flight with their checkpointed text
+        (one round trip for all)."""
         ...
 
     async def drop_reply(self, stream: str) -> None:
@@ -184,8 +182,9 @@ class Transport(Protocol):
         unless the op ends the reply)."""
         ...
 
-    async def read_streams(self, conv: str) -> list[InFlight]:
-        """The conversation's in-flight replies with their partial text, atomically."""
+    async def read_streams(self, convs: Sequence[str]) -> list[list[InFlight]]:
+        """Per conversation, its in-flight replies with their partial text (each
+        conversation read atomically; one round trip for all)."""
         ...
 
     async def read_partial(self, conv: str, stream: str) -> str | None: ...

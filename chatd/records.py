@@ -59,6 +59,16 @@ class Snapshot:
 
 
 @dataclass(frozen=True)
+class SnapshotAsk:
+    """Clients joining one conversation together: one cursor each (None: none),
+    and the reply ids they say they hold part of."""
+
+    conv: str
+    afters: tuple[int | None, ...]
+    streams: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class InFlight:
     """A reply still generating, as the transport holds it: metadata and partial text."""
 
@@ -156,6 +166,38 @@ def message(
         "text": text,
         "ts": ts,
     }
+
+
+#: What a message costs on the wire beyond its text and ids (keys, numbers, quotes).
+_MESSAGE_OVERHEAD = 96
+
+
+def wire_size(msg: dict[str, Any]) -> int:
+    """About how many bytes ``msg`` takes in a frame (its text counted as one byte
+    per character: a budget, not an exact count; cheap enough for every message)."""
+    return len(msg["text"]) + len(msg["id"]) + len(msg["user"]) + _MESSAGE_OVERHEAD
+
+
+def fit_newest(messages: list[dict[str, Any]], budget: int) -> list[dict[str, Any]]:
+    """The newest of ``messages`` (in seq order) within ``budget`` bytes; at least one."""
+    total, start = 0, len(messages)
+    while start > 0:
+        total += wire_size(messages[start - 1])
+        if total > budget and start < len(messages):
+            break
+        start -= 1
+    return messages[start:]
+
+
+def fit_oldest(messages: list[dict[str, Any]], budget: int) -> list[dict[str, Any]]:
+    """The oldest of ``messages`` (in seq order) within ``budget`` bytes; at least one."""
+    total, end = 0, 0
+    while end < len(messages):
+        total += wire_size(messages[end])
+        if total > budget and end > 0:
+            break
+        end += 1
+    return messages[:end]
 
 
 def message_event(conv: str, msg: dict[str, Any]) -> dict[str, Any]:

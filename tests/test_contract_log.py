@@ -9,7 +9,7 @@ import trio
 
 from chatd.errors import StoreError, StoreUnavailable
 from chatd.protocol import encode
-from chatd.records import Checkpoint, NewMessage, Registration, message_event
+from chatd.records import Checkpoint, NewMessage, Registration, SnapshotAsk, message_event
 
 
 def _conv() -> str:
@@ -91,8 +91,15 @@ async def test_snapshots(logs):
     for k in range(9):
         await log.commit([_msg(c, f"m{k}", f"text {k}")], [], False)
     await log.commit([_msg(c, "~reply", "done", role="assistant")], [], False)
-    afters = [None, 0, 3, 5, 10, 12]
-    snaps = await log.snapshots(c, afters, 4, 5, ["~reply", "~other"])
+    afters = (None, 0, 3, 5, 10, 12)
+    other = _conv()
+    await log.commit([_msg(other, "~other", "elsewhere", role="assistant")], [], False)
+    asks = [
+        SnapshotAsk(c, afters, ("~reply", "~other")),
+        SnapshotAsk(_conv(), (None, 3)),
+        SnapshotAsk(other, (0,), ("~reply",)),
+    ]
+    snaps, empty, elsewhere = await log.snapshots(asks, 4, 5)
     got = [([m["seq"] for m in s.messages], s.head, s.recovered) for s in snaps]
     assert got == [
         ([7, 8, 9, 10], 10, True),  # no cursor: the latest N
@@ -102,10 +109,12 @@ async def test_snapshots(logs):
         ([], 10, True),
         ([], 10, True),
     ]
+    # Per conversation: ~other is committed, but in another one.
     assert all(s.committed_streams == {"~reply"} for s in snaps)
     assert snaps[3].messages[0]["text"] == "text 5"
-    empty = await log.snapshots(_conv(), [None, 3], 4, 5, [])
     assert [(s.messages, s.head, s.recovered) for s in empty] == [([], 0, True), ([], 0, True)]
+    assert [m["text"] for m in elsewhere[0].messages] == ["elsewhere"]
+    assert elsewhere[0].committed_streams == frozenset()
 
 
 async def test_after_and_history_pages(logs):
@@ -230,7 +239,7 @@ async def test_replies_in_flight_checkpoints_and_takeover(logs):
     await log.checkpoint(owner, [Checkpoint(r1, 5, " wörld")])
     await log.checkpoint(owner, [Checkpoint(r1, 3, "stale")])  # not at 3: ignored
     await log.checkpoint(taker, [Checkpoint(r2, 1, "not mine")])  # not its owner: ignored
-    held = {f.stream: (f.text, f.meta["reply_to"]) for f in await other.inflight(c)}
+    held = {f.stream: (f.text, f.meta["reply_to"]) for f in (await other.inflight([c]))[0]}
     assert held == {r1: ("héllo wörld", 1), r2: ("x", 1)}
     assert await other.take_orphans(taker) == [], "the owner is alive"
     await trio.sleep(0.7)
@@ -247,4 +256,4 @@ async def test_replies_in_flight_checkpoints_and_takeover(logs):
     results, _ = await other.commit([msg], [], False, finished=[r1])
     assert results[0].message["status"] == "interrupted"
     await other.drop_reply(r2)
-    assert await log.inflight(c) == []
+    assert (await log.inflight([c]))[0] == []

@@ -229,7 +229,7 @@ async def test_a_reply_streams_then_commits_its_exact_text(env: Env, clock):
     }
     msg = await viewer.expect("message", id=stream)
     assert msg["text"] == text and len(text.split(" ")) == 20
-    assert await run.engine.transport.read_streams(conv) == []
+    assert (await run.engine.transport.read_streams([conv]))[0] == []
     assert run.engine.replies.active == {}
 
 

@@ -128,7 +128,7 @@ async def _finish(
         if row["role"] == "assistant":
             assert row["status"] in ("complete", "stopped", "interrupted"), row
     with trio.fail_after(BOUND):
-        while await db.log.inflight(conv):
+        while (await db.log.inflight([conv]))[0]:
             await trio.sleep(0.1)
     # What a client joining now sees: the messages, and no reply in flight.
     snap = await fresh.subscribe(conv)

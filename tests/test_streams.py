@@ -45,7 +45,7 @@ async def test_deltas_concatenate_to_the_committed_text(
     rows = await _assistant_rows(srv, conv)
     assert [(r["client_id"], r["status"], r["body"]) for r in rows] == [(stream, "complete", text)]
     # The partial is gone from Redis once committed.
-    assert await srv.transport.read_streams(conv) == []
+    assert (await srv.transport.read_streams([conv]))[0] == []
     # The sender is not subscribed: it got the ack, not the stream.
     assert not [f for f in alice.frames if f.get("type") == "delta"]
 
@@ -257,7 +257,7 @@ async def test_model_failure_discards_the_partial(nursery, postgres, redis_serve
     assert end["type"] == "stream.error" and end["code"] == "model_failed", end
     assert len(text.split(" ")) == 5
     assert await _assistant_rows(srv, conv) == [], "Postgres never holds an incomplete reply"
-    assert await srv.transport.read_streams(conv) == []
+    assert (await srv.transport.read_streams([conv]))[0] == []
     assert srv.engine.replies.runner.failed == 1
 
 

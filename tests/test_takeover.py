@@ -59,7 +59,7 @@ async def test_a_cut_off_processs_reply_is_taken_over_and_ends_everywhere(env: E
     late = await b.connect("late")
     snap = await late.subscribe(conv)
     assert snap["streams"] == [] and [m["id"] for m in snap["messages"]][-1] == stream
-    assert await b.engine.log.inflight(conv) == []
+    assert (await b.engine.log.inflight([conv]))[0] == []
     # The owner comes back: fenced, it gives the reply up; no second message.
     a.chaos.heal()
     with trio.fail_after(10):
@@ -111,7 +111,7 @@ async def test_checkpoints_survive_the_owner_and_redis_lost_together(env: Env, c
         if f["type"] == "delta":
             text += f["text"]
     await trio.sleep(0.2)  # a checkpoint or two since
-    held = {f.stream: f.text for f in await b.engine.log.inflight(conv)}
+    held = {f.stream: f.text for f in (await b.engine.log.inflight([conv]))[0]}
     assert len(held[stream]) > 0, "the partial is in Postgres as it generates"
     _cut_off(a)
     await _lose_redis(env, b)
@@ -159,7 +159,7 @@ async def test_a_failed_reply_leaves_nothing_to_take_over(env: Env, clock):
     end = await viewer.expect("stream.error", stream=stream)
     assert end["code"] == "model_failed"
     with trio.fail_after(5):
-        while await run.engine.log.inflight(conv):
+        while (await run.engine.log.inflight([conv]))[0]:
             await trio.sleep(0.1)
     assert await _assistant(run, conv) == [], "a failed reply is never stored"
 
@@ -207,7 +207,7 @@ async def test_an_orphan_that_said_nothing_ends_with_nothing_stored(env: Env, cl
     end = await watcher._next_stream_frame(conv, stream, BOUND + 1)
     assert end["type"] == "stream.error" and end["code"] == "interrupted", end
     assert await _assistant(b, conv) == []
-    assert await b.engine.log.inflight(conv) == []
+    assert (await b.engine.log.inflight([conv]))[0] == []
 
 
 async def test_the_taker_fences_a_live_owner_through_the_transport(env: Env, clock):

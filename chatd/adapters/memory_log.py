@@ -33,6 +33,7 @@ from chatd.records import (
     OutboxEvent,
     Registration,
     Snapshot,
+    SnapshotAsk,
     event_template,
     message,
 )
@@ -177,14 +178,13 @@ class MemoryLog:
     # -- reads ------------------------------------------------------------
 
     async def snapshots(
-        self,
-        conv: str,
-        afters: Sequence[int | None],
-        limit: int,
-        max_catchup: int,
-        streams: Sequence[str],
-    ) -> list[Snapshot]:
-        return await self._call(self._snapshots, conv, list(afters), limit, max_catchup, streams)
+        self, asks: Sequence[SnapshotAsk], limit: int, max_catchup: int
+    ) -> list[list[Snapshot]]:
+        return await self._call(
+            lambda: [
+                self._snapshots(a.conv, list(a.afters), limit, max_catchup, a.streams) for a in asks
+            ]
+        )
 
     def _snapshots(
         self,
@@ -326,12 +326,15 @@ class MemoryLog:
 
         return await self._call(_take)
 
-    async def inflight(self, conv: str) -> list[InFlight]:
+    async def inflight(self, convs: Sequence[str]) -> list[list[InFlight]]:
         return await self._call(
             lambda: [
-                InFlight(s, orjson.loads(r["meta"]), r["body"])
-                for s, r in self.db.replies.items()
-                if r["conv"] == conv
+                [
+                    InFlight(s, orjson.loads(r["meta"]), r["body"])
+                    for s, r in self.db.replies.items()
+                    if r["conv"] == conv
+                ]
+                for conv in convs
             ]
         )
 

@@ -160,8 +160,8 @@ class MemoryTransport:
             b.publish(op.conv, BusMessage("message", op.conv, frame))
         return size
 
-    async def read_streams(self, conv: str) -> list[InFlight]:
-        return await self._call(self._read_streams, conv)
+    async def read_streams(self, convs: Sequence[str]) -> list[list[InFlight]]:
+        return await self._call(lambda: [self._read_streams(c) for c in convs])
 
     def _read_streams(self, conv: str) -> list[InFlight]:
         out = []

@@ -44,6 +44,7 @@ from chatd.records import (
     OutboxEvent,
     Registration,
     Snapshot,
+    SnapshotAsk,
     event_template,
     message,
 )
@@ -148,35 +149,38 @@ async def _aio_commit(
 
 
 async def _aio_snapshots(
-    pool: asyncpg.Pool,
-    conv: str,
-    afters: Sequence[int | None],
-    limit: int,
-    max_catchup: int,
-    streams: Sequence[str],
-) -> list[Snapshot]:
-    # One round trip for several clients joining at once, all on one database snapshot.
+    pool: asyncpg.Pool, asks: Sequence[SnapshotAsk], limit: int, max_catchup: int
+) -> list[list[Snapshot]]:
+    # One round trip for every client joining every asked conversation, all on
+    # one database snapshot: one row per (join, message), numbered by join.
+    convs = [a.conv for a in asks for _ in a.afters]
+    afters = [after for a in asks for after in a.afters]
+    streams = sorted({s for a in asks for s in a.streams})
     rows = await pool.fetch(
-        "SELECT a.n, s.* FROM unnest($2::bigint[]) WITH ORDINALITY AS a(after, n), "
-        "LATERAL chatd_snapshot($1, a.after, $3, $4, $5) AS s ORDER BY a.n, s.seq",
-        conv,
-        list(afters),
+        "SELECT a.n, s.* FROM unnest($1::text[], $2::bigint[]) WITH ORDINALITY AS a(conv, after, n), "
+        "LATERAL chatd_snapshot(a.conv, a.after, $3, $4, $5) AS s ORDER BY a.n, s.seq",
+        convs,
+        afters,
         limit,
         max_catchup,
-        list(streams),
+        streams,
     )
     by_join: list[list[asyncpg.Record]] = [[] for _ in afters]
     for r in rows:
         by_join[r["n"] - 1].append(r)
-    out = []
-    for group in by_join:
-        first = group[0]
-        messages = [message_dict(r) for r in group if r["seq"] is not None]
-        out.append(
-            Snapshot(
-                messages, first["head"], first["recovered"], frozenset(first["committed_streams"])
-            )
-        )
+    out: list[list[Snapshot]] = []
+    joins = iter(by_join)
+    for ask in asks:
+        # The stream ids of every ask went in together: keep this ask's own.
+        mine = frozenset(ask.streams)
+        snaps = []
+        for _ in ask.afters:
+            group = next(joins)
+            first = group[0]
+            messages = [message_dict(r) for r in group if r["seq"] is not None]
+            done = mine.intersection(first["committed_streams"])
+            snaps.append(Snapshot(messages, first["head"], first["recovered"], done))
+        out.append(snaps)
     return out
 
 
@@ -211,6 +215,10 @@ class PostgresLog:
         self.pool = pool
         self._cfg = cfg
         self._listener = Listener()
+        # Reads take at most this many pool connections at once; the rest wait
+        # their turn here, outside the call's deadline (a queue is not an
+        # outage), so commits, the relay and leases always find a connection.
+        self._reads = trio.Semaphore(cfg.reads_in_flight)
 
     async def commit(
         self,
@@ -233,29 +241,26 @@ class PostgresLog:
     async def take_orphans(self, taker: str) -> list[Orphan]:
         return await self.bridge.postgres(replies.aio_take_orphans, self.pool, taker)
 
-    async def inflight(self, conv: str) -> list[InFlight]:
-        return await self.bridge.postgres(replies.aio_inflight, self.pool, conv)
+    async def inflight(self, convs: Sequence[str]) -> list[list[InFlight]]:
+        async with self._reads:
+            return await self.bridge.postgres(replies.aio_inflight, self.pool, convs)
 
     async def drop_reply(self, stream: str) -> None:
         await self.bridge.postgres(replies.aio_drop_reply, self.pool, stream)
 
     async def snapshots(
-        self,
-        conv: str,
-        afters: Sequence[int | None],
-        limit: int,
-        max_catchup: int,
-        streams: Sequence[str],
-    ) -> list[Snapshot]:
-        return await self.bridge.postgres(
-            _aio_snapshots, self.pool, conv, afters, limit, max_catchup, streams
-        )
+        self, asks: Sequence[SnapshotAsk], limit: int, max_catchup: int
+    ) -> list[list[Snapshot]]:
+        async with self._reads:
+            return await self.bridge.postgres(_aio_snapshots, self.pool, asks, limit, max_catchup)
 
     async def after(self, conv: str, after: int, limit: int) -> list[dict[str, Any]]:
-        return await self.bridge.postgres(_aio_after, self.pool, conv, after, limit)
+        async with self._reads:
+            return await self.bridge.postgres(_aio_after, self.pool, conv, after, limit)
 
     async def history(self, conv: str, before: int | None, limit: int) -> list[dict[str, Any]]:
-        return await self.bridge.postgres(_aio_history, self.pool, conv, before, limit)
+        async with self._reads:
+            return await self.bridge.postgres(_aio_history, self.pool, conv, before, limit)
 
     @asynccontextmanager
     async def claim_outbox(self, limit: int, min_age: float) -> AsyncIterator[list[OutboxEvent]]:
@@ -294,7 +299,8 @@ class PostgresLog:
         return await self.bridge.postgres(aio_stats, self.pool)
 
     async def memberships(self, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], str]:
-        return await self.bridge.postgres(aio_memberships, self.pool, pairs)
+        async with self._reads:
+            return await self.bridge.postgres(aio_memberships, self.pool, pairs)
 
     async def set_membership(self, conv: str, user: str, rights: str) -> None:
         await self.bridge.postgres(aio_set_membership, self.pool, conv, user, rights)

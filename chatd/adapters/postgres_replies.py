@@ -72,11 +72,16 @@ async def aio_take_orphans(pool: asyncpg.Pool, taker: str) -> list[Orphan]:
     return [Orphan(r["stream_id"], r["conv_id"], orjson.loads(r["meta"]), r["body"]) for r in rows]
 
 
-async def aio_inflight(pool: asyncpg.Pool, conv: str) -> list[InFlight]:
+async def aio_inflight(pool: asyncpg.Pool, convs: Sequence[str]) -> list[list[InFlight]]:
     rows = await pool.fetch(
-        "SELECT stream_id, meta, body FROM replies_in_flight WHERE conv_id = $1", conv
+        "SELECT conv_id, stream_id, meta, body FROM replies_in_flight "
+        "WHERE conv_id = ANY($1::text[])",
+        list(convs),
     )
-    return [InFlight(r["stream_id"], orjson.loads(r["meta"]), r["body"]) for r in rows]
+    by_conv: dict[str, list[InFlight]] = {c: [] for c in convs}
+    for r in rows:
+        by_conv[r["conv_id"]].append(InFlight(r["stream_id"], orjson.loads(r["meta"]), r["body"]))
+    return [by_conv[c] for c in convs]
 
 
 async def aio_drop_reply(pool: asyncpg.Pool, stream: str) -> None:

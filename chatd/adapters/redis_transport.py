@@ -170,15 +170,22 @@ async def _aio_lane(client: aioredis.Redis, ops: Sequence[LaneOp], ttl: int) -> 
     return results
 
 
-async def _aio_read_streams(client: aioredis.Redis, conv: str) -> list[InFlight]:
-    flat = await client.eval(_READ_STREAMS_SCRIPT, 1, _streams_key(conv), _partial_prefix(conv))
+async def _aio_read_streams(client: aioredis.Redis, convs: Sequence[str]) -> list[list[InFlight]]:
+    # One pipelined round trip; the script reads each conversation atomically.
+    async with client.pipeline(transaction=False) as pipe:
+        for conv in convs:
+            pipe.eval(_READ_STREAMS_SCRIPT, 1, _streams_key(conv), _partial_prefix(conv))
+        replies = await pipe.execute()
     out = []
-    for i in range(0, len(flat), 3):
-        try:
-            meta = orjson.loads(flat[i + 1])
-        except orjson.JSONDecodeError:
-            continue
-        out.append(InFlight(flat[i], meta, flat[i + 2]))
+    for flat in replies:
+        found = []
+        for i in range(0, len(flat), 3):
+            try:
+                meta = orjson.loads(flat[i + 1])
+            except orjson.JSONDecodeError:
+                continue
+            found.append(InFlight(flat[i], meta, flat[i + 2]))
+        out.append(found)
     return out
 
 
@@ -223,8 +230,8 @@ class RedisTransport:
     async def lane(self, ops: Sequence[LaneOp], ttl: int) -> list[int]:
         return await self.bridge.redis(_aio_lane, self.client, ops, ttl)
 
-    async def read_streams(self, conv: str) -> list[InFlight]:
-        return await self.bridge.redis(_aio_read_streams, self.client, conv)
+    async def read_streams(self, convs: Sequence[str]) -> list[list[InFlight]]:
+        return await self.bridge.redis(_aio_read_streams, self.client, convs)
 
     async def read_partial(self, conv: str, stream: str) -> str | None:
         return await self.bridge.redis(_aio_read_partial, self.client, conv, stream)

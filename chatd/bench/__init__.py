@@ -15,7 +15,18 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from chatd.bench import abuse, auth, idle, load, reads, reconnect, sends, stream, survive
+from chatd.bench import (
+    abuse,
+    auth,
+    idle,
+    load,
+    reads,
+    reconnect,
+    sends,
+    storm,
+    stream,
+    survive,
+)
 from chatd.config import Config
 
 _BENCHES = {
@@ -26,6 +37,7 @@ _BENCHES = {
     "reads": reads,
     "reconnect": reconnect,
     "sends": sends,
+    "storm": storm,
     "stream": stream,
     "survive": survive,
 }

@@ -69,11 +69,8 @@ def add_parser(sub: Any) -> None:
         default=1.0,
         help="[streams].takeover_interval for both processes",
     )
-    s.add_argument(
-        "--cases",
-        default="redis_intact,redis_lost",
-        help="comma-separated: redis_intact (Redis keeps the partial), redis_lost (flushed at the kill)",
-    )
+    cases = "redis_intact (Redis keeps the partial) and/or redis_lost (flushed at the kill)"
+    s.add_argument("--cases", default="redis_intact,redis_lost", help=cases)
     s.add_argument("--kill-after", default="1.5,5", help="kill A at a uniform time in MIN,MAX s")
     s.add_argument("--cost-replies", type=int, default=20, help="replies in the cost phase")
     s.add_argument("--cost-seconds", type=float, default=15.0, help="measured cost window")

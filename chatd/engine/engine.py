@@ -82,6 +82,7 @@ class Engine:
             status=self.status,
             refusals=self.refusals,
             history_slots=trio.Semaphore(cfg.limits.history_in_flight),
+            page_bytes=cfg.store.page_bytes,
         )
 
     async def run_session(self, conn: Connection) -> None:
@@ -146,6 +147,10 @@ class Engine:
             "gap_fills": self.hub.counters.gap_fills,
             "stream_fills": self.hub.counters.stream_fills,
             "resyncs": self.hub.counters.resyncs,
+            "joins_queued": self.hub.loader.queued,
+            "join_batches": self.hub.loader.counters.batches,
+            "join_loads": self.hub.loader.counters.loads,
+            "join_queue_peak": self.hub.loader.counters.queue_peak,
             "slow_disconnects": self.counters.slow_disconnects,
             "hello_timeouts": self.counters.hello_timeouts,
             "dead_peers": self.counters.dead_peers,

@@ -26,10 +26,11 @@ import trio
 from chatd.backoff import Backoff
 from chatd.config import RetryConfig, StoreConfig
 from chatd.engine.feed_replies import ReplyFrames
+from chatd.engine.loader import Loader
 from chatd.errors import Unavailable
 from chatd.ports import Log, Transport
 from chatd.protocol import encode, error_frame
-from chatd.records import InFlight, Snapshot, message_event
+from chatd.records import InFlight, Snapshot, fit_newest, fit_oldest, message_event
 
 log = logging.getLogger("chatd.feed")
 
@@ -113,14 +114,6 @@ class Resync:
     pass
 
 
-def _longest(a: list[InFlight], b: list[InFlight]) -> list[InFlight]:
-    best: dict[str, InFlight] = {}
-    for f in [*a, *b]:
-        if f.stream not in best or len(f.text) > len(best[f.stream].text):
-            best[f.stream] = f
-    return list(best.values())
-
-
 class Feed:
     """All local subscribers of one conversation; :meth:`run` is its task."""
 
@@ -129,16 +122,15 @@ class Feed:
         conv: str,
         log: Log,
         transport: Transport,
+        loader: Loader,
         cfg: StoreConfig,
         retry: RetryConfig,
         counters: Counters,
-        checkpoints: bool = False,
     ) -> None:
         self.conv = conv
-        #: The log also holds in-flight replies' text (checkpoint mode).
-        self._checkpoints = checkpoints
         self.log = log
         self.transport = transport
+        self.loader = loader
         self._cfg = cfg
         self._retry = retry
         self.counters = counters
@@ -259,33 +251,9 @@ class Feed:
         # No waiting for the transport's subscription to go live: whatever commits
         # between this snapshot and the subscription's confirmation is read
         # from the log by the resync that the confirmation triggers.
-        # In-flight replies first, then the log: a reply that commits in between
-        # is reported as committed and dropped from the in-flight list.
+        held = frozenset().union(*(j.streams for j in joins))
         try:
-            inflight = await self.transport.read_streams(self.conv)
-        except Unavailable as exc:
-            log.debug("no in-flight replies for %s: %s", self.conv, exc)
-            inflight = []
-        if self._checkpoints:
-            # Redis may have lost a partial (or all of them): the checkpoint holds
-            # a prefix too. Per reply, the longer of the two knows more.
-            try:
-                held = await self.log.inflight(self.conv)
-            except Unavailable as exc:
-                log.debug("no checkpoints for %s: %s", self.conv, exc)
-                held = []
-            inflight = _longest(inflight, held)
-        try:
-            # Replies a client says it holds part of count too: the transport may
-            # not have reported them, and a committed one is over for that client.
-            asked = {f.stream for f in inflight}.union(*(j.streams for j in joins))
-            snaps = await self.log.snapshots(
-                self.conv,
-                [j.after for j in joins],
-                self._cfg.snapshot_messages,
-                self._cfg.max_catchup,
-                sorted(asked),
-            )
+            loaded = await self.loader.load(self.conv, tuple(j.after for j in joins), held)
         except Unavailable as exc:
             for join in joins:
                 frame = error_frame(
@@ -298,22 +266,40 @@ class Feed:
                 join.client.deliver(encode(frame))
                 join.client.subscription_failed(self.conv)
             return
-        for join, snap in zip(joins, snaps, strict=True):
-            self._admit(join, snap, inflight)
+        for join, snap in zip(joins, loaded.snapshots, strict=True):
+            self._admit(join, snap, loaded.inflight)
 
     def _admit(self, join: Join, snap: Snapshot, inflight: list[InFlight]) -> None:
-        """Send the snapshot and make the client a live subscriber."""
-        streams, have = self.replies.on_join(join, snap, inflight)
+        """Send the snapshot and make the client a live subscriber, or, when its
+        catch-up is larger than a page, send the first page and let it ask for
+        the next (``more``: subscribe again from the last seq it got)."""
+        budget = self._cfg.page_bytes
+        messages = snap.messages
+        paging = False
+        if join.after is not None and snap.recovered:
+            # Everything after the cursor, oldest first: a page at a time, so
+            # "exactly once, in order" holds across pages.
+            messages = fit_oldest(messages, budget)
+            paging = len(messages) < len(snap.messages)
+        else:
+            messages = fit_newest(messages, budget)
         frame: dict[str, Any] = {
             "type": "snapshot",
             "conv": self.conv,
-            "messages": snap.messages,
+            "messages": messages,
             "head": snap.head,
             "recovered": snap.recovered,
-            "streams": streams,
         }
         if join.ref is not None:
             frame["ref"] = join.ref
+        if paging:
+            frame |= {"streams": [], "more": True}
+            join.client.deliver(encode(frame))
+            # Not live yet: the client subscribes again with the next cursor.
+            join.client.subscription_failed(self.conv)
+            return
+        streams, have = self.replies.on_join(join, snap, inflight)
+        frame["streams"] = streams
         if join.client.deliver(encode(frame)):
             self.subs[join.client.id] = Sub(join.client, snap.head, have)
 

@@ -40,6 +40,7 @@ from chatd.engine.feed import (
     StreamFrame,
     Subscriber,
 )
+from chatd.engine.loader import Loader, open_loader
 from chatd.errors import Unavailable
 from chatd.ports import Log, Transport
 from chatd.protocol import encode
@@ -71,10 +72,10 @@ class Hub:
         cfg: StoreConfig,
         retry: RetryConfig,
         control: trio.MemorySendChannel[str],
-        checkpoints: bool = False,
+        loader: Loader,
     ) -> None:
         self._log = log
-        self._checkpoints = checkpoints
+        self.loader = loader
         self._transport = transport
         self._cfg = cfg
         self._retry = retry
@@ -156,13 +157,7 @@ class Hub:
 
     def _new_feed(self, conv: str) -> Feed:
         return Feed(
-            conv,
-            self._log,
-            self._transport,
-            self._cfg,
-            self._retry,
-            self.counters,
-            self._checkpoints,
+            conv, self._log, self._transport, self.loader, self._cfg, self._retry, self.counters
         )
 
     # -- the router ---------------------------------------------------------
@@ -250,8 +245,11 @@ async def open_hub(
 
     ``checkpoints``: joining clients also get in-flight replies' text from the log.
     """
-    hub = Hub(log, transport, cfg, retry, control, checkpoints)
-    async with trio.open_nursery() as nursery:
+    async with (
+        open_loader(log, transport, cfg, checkpoints=checkpoints) as loader,
+        trio.open_nursery() as nursery,
+    ):
+        hub = Hub(log, transport, cfg, retry, control, loader)
         nursery.start_soon(hub._membership, name="hub membership")
         nursery.start_soon(hub._router, name="hub router")
         yield hub

@@ -22,7 +22,7 @@ from chatd.errors import Unavailable
 from chatd.identity import Identity
 from chatd.limits import RefusalLog, TokenBucket
 from chatd.protocol import PROTOCOL_VERSION, ProtocolError, Request, encode
-from chatd.records import NewMessage
+from chatd.records import NewMessage, fit_newest
 
 if TYPE_CHECKING:
     from chatd.engine.access import Access
@@ -61,6 +61,8 @@ class Services:
     refusals: RefusalLog
     #: History pages read at once ([limits].history_in_flight).
     history_slots: trio.Semaphore
+    #: Largest history page in bytes ([store].page_bytes).
+    page_bytes: int
 
 
 def _limited(bucket: TokenBucket, what: str, req: Request, cost: float = 1.0, **extra: Any) -> None:
@@ -178,7 +180,11 @@ async def op_history(s: Session, req: Request, nursery: trio.Nursery) -> None:
         messages = await s.services.log.history(conv, req.get("before"), limit + 1)
     more = len(messages) > limit
     messages = messages[-limit:] if more else messages
-    s.reply({"type": "history", "conv": conv, "messages": messages, "more": more}, req.ref)
+    # A page of large messages is cut to the byte budget: the client pages on
+    # with ``before`` as for any page.
+    fitted = fit_newest(messages, s.services.page_bytes)
+    more = more or len(fitted) < len(messages)
+    s.reply({"type": "history", "conv": conv, "messages": fitted, "more": more}, req.ref)
 
 
 async def op_typing(s: Session, req: Request, nursery: trio.Nursery) -> None:
