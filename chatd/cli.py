@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,11 @@ def _setup_logging(config: Config) -> None:
     )
 
 
-async def _serve_until_signal(config: Config) -> None:
+async def _serve_until_signal(config: Config, worker: bool = False) -> None:
     from chatd.server import serve
+    from chatd.workers import inherited_listener
+
+    listener = inherited_listener() if worker else None
 
     # The receiver stays open through the shutdown: the first signal starts the
     # orderly shutdown, a second one cancels it (still bounded by the same
@@ -49,11 +53,13 @@ async def _serve_until_signal(config: Config) -> None:
         async with trio.open_nursery() as nursery:
 
             async def run(task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
-                await serve(config, task_status=task_status)
+                await serve(config, listener=listener, task_status=task_status)
                 nursery.cancel_scope.cancel()  # done: stop watching for signals
 
             server = await nursery.start(run)
             print(f"chatd serving on {server.url}", flush=True)
+            if worker:
+                nursery.start_soon(_drain_if_orphaned, server)
             async for signum in signals:
                 name = signal.Signals(signum).name
                 if not server._stop.is_set():
@@ -62,6 +68,15 @@ async def _serve_until_signal(config: Config) -> None:
                 else:
                     log.warning("received %s again, stopping now", name)
                     nursery.cancel_scope.cancel()
+
+
+async def _drain_if_orphaned(server: Any) -> None:
+    """A worker whose supervisor died (killed, it could not say) drains and exits."""
+    parent = os.getppid()
+    while os.getppid() == parent:  # noqa: ASYNC110 - no event exists for a parent dying
+        await trio.sleep(1.0)
+    log.warning("the supervisor is gone: shutting down this worker")
+    server.shutdown()
 
 
 def _raise_exit(signum: int, frame: object) -> None:
@@ -76,12 +91,26 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         from dataclasses import replace
 
         config = replace(config, server=replace(config.server, port=args.port))
+    if args.workers is not None:
+        from dataclasses import replace
+
+        config = replace(config, server=replace(config.server, workers=args.workers))
     _setup_logging(config)
+    if args.worker:
+        # One of a supervisor's workers: its servers are resolved, its socket inherited.
+        trio.run(_serve_until_signal, config, True)
+        return 0
     # SIGTERM while embedded servers start unwinds through their cleanup.
     signal.signal(signal.SIGTERM, _raise_exit)
     with EmbeddedServices(config) as resolved:
         try:
-            trio.run(_serve_until_signal, resolved)
+            if resolved.server.workers > 1:
+                from chatd.workers import supervise
+
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                trio.run(partial(supervise, resolved, config_path=config_path(args)))
+            else:
+                trio.run(_serve_until_signal, resolved)
         finally:
             # Let the embedded servers stop cleanly whatever arrives now.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -211,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="run the server (starts embedded PostgreSQL/Redis when no DSN is set)"
     )
     p.add_argument("--port", type=int, help="override [server].port")
+    p.add_argument("--workers", type=int, help="override [server].workers (processes on the port)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_serve)
     p = sub.add_parser("migrate", help="apply pending schema migrations and exit")
     p.set_defaults(func=_cmd_migrate)

@@ -24,6 +24,9 @@ __all__ = ["ConfigError", "config_from_dict", "load_config"]
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8765
+    #: chatd processes serving the port together (one core each); a dead one
+    #: is restarted, SIGTERM drains them all. 1: a single process.
+    workers: int = 1
     #: A WebSocket frame larger than this closes the connection with 1009.
     max_frame_bytes: int = 65536
     #: Longest accepted message text, in characters.

@@ -75,6 +75,11 @@ def validate(config: Config) -> None:
         (config.server.max_inflight_sends >= 1, "[server].max_inflight_sends must be at least 1"),
         (config.postgres.pool_max >= 2, "[postgres].pool_max must be at least 2"),
         (config.store.join_batch >= 1, "[store].join_batch must be at least 1"),
+        (1 <= config.server.workers <= 64, "[server].workers must be between 1 and 64"),
+        (
+            config.server.workers == 1 or not config.chaos.enabled,
+            "[chaos].enabled needs [server].workers = 1 (the admin interface is per process)",
+        ),
         (config.store.join_loads >= 1, "[store].join_loads must be at least 1"),
         (config.store.page_bytes >= 1024, "[store].page_bytes must be at least 1024"),
         (

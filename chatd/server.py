@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import ssl
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 from trio_websocket import WebSocketRequest, WebSocketServer, serve_websocket
@@ -90,9 +91,13 @@ async def serve(
     config: Config,
     *,
     chaos: Chaos | None = None,
+    listener: trio.SocketListener | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run chatd until :meth:`Server.shutdown` or cancellation. ``config`` must carry both DSNs."""
+    """Run chatd until :meth:`Server.shutdown` or cancellation. ``config`` must carry both DSNs.
+
+    ``listener``: accept on this (a worker's inherited socket) instead of
+    opening ``[server].host``/``port``."""
     if not config.postgres.dsn or not config.redis.url:
         raise ValueError(
             "serve() needs [postgres].dsn and [redis].url (the CLI starts embedded servers)"
@@ -129,7 +134,9 @@ async def serve(
         server = Server(config, engine)
         try:
             async with trio.open_nursery() as accept:
-                server.listener = await accept.start(_listen, server, handlers, ssl_context)
+                server.listener = await accept.start(
+                    _listen, server, handlers, ssl_context, listener
+                )
                 if config.chaos.enabled:
                     server.admin_port = await accept.start(serve_admin, server)
                 log.info("chatd listening on %s", server.url)
@@ -166,6 +173,7 @@ async def _listen(
     server: Server,
     handlers: trio.Nursery,
     ssl_context: ssl.SSLContext | None,
+    listener: trio.SocketListener | None,
     *,
     task_status: trio.TaskStatus[WebSocketServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -185,6 +193,20 @@ async def _listen(
         finally:
             gate.release(address)
 
+    if listener is not None:
+        listeners: list[Any] = [listener]
+        if ssl_context is not None:
+            listeners = [trio.SSLListener(listener, ssl_context, https_compatible=False)]
+        ws_server = WebSocketServer(
+            handle,
+            listeners,
+            handler_nursery=handlers,
+            max_message_size=cfg.max_frame_bytes,
+            connect_timeout=_CONNECT_TIMEOUT,
+            disconnect_timeout=_DISCONNECT_TIMEOUT,
+        )
+        await ws_server.run(task_status=task_status)
+        return
     await serve_websocket(
         handle,
         cfg.host,

@@ -60,6 +60,26 @@ async def test_bench_sends_and_stream(tmp_path):
     assert r["token_deliveries"] > 0 and r["offset_gaps"] == 0
 
 
+async def test_bench_sends_and_stream_with_workers(tmp_path):
+    r = await _bench(
+        tmp_path, "sends", "--seconds", "1", "--senders", "2", "--convs", "2", "--viewers", "1",
+        "--workers", "1,2",
+    )  # fmt: skip
+    for n in ("1", "2"):
+        full = r["by_workers"][n]["full"]
+        assert full["acked"] > 0 and full["errors"] == 0, (n, full)
+    r = await _bench(tmp_path, "stream", "--streams", "3", "--seconds", "1", "--workers", "2")
+    assert r["by_workers"]["2"]["token_deliveries"] > 0
+    assert r["by_workers"]["2"]["offset_gaps"] == 0
+
+
+async def test_bench_storm(tmp_path):
+    r = await _bench(tmp_path, "storm", "--clients", "5", "--subs", "4")
+    (run,) = r["runs"]
+    assert run["kinds"] == {"snapshot": 20} and run["clients_failed"] == 0, run
+    assert run["rss_peak_mb"] >= run["rss_rest_mb"] > 0
+
+
 async def test_bench_idle(tmp_path):
     r = await _bench(tmp_path, "idle", "--clients", "5", "--seconds", "1")
     assert r["clients"] == 5 and r["server_cpu"] >= 0

@@ -155,6 +155,19 @@ def start_chatd(
     return proc, m.group(1)
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of ``pid`` and its direct children (a supervisor and its workers)."""
+    from chatd.embedded.processes import children
+
+    total = 0.0
+    for p in [pid, *children(pid)]:
+        try:
+            total += cpu_seconds(p)
+        except OSError:
+            continue  # it exited meanwhile
+    return total
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -12,12 +12,12 @@ from typing import Any
 import orjson
 
 from chatd.bench.common import (
-    cpu_seconds,
     machine,
     pct,
     raw_pg_commits,
     raw_redis_publish,
     start_chatd,
+    tree_cpu_seconds,
 )
 from chatd.config import Config
 
@@ -32,6 +32,11 @@ def add_parser(sub: Any) -> None:
     # latency, not capacity: chatd sat at 0.8 of a core and Postgres idled.
     s.add_argument("--window", type=int, default=64, help="sends in flight per sender at full load")
     s.add_argument("--seconds", type=float, default=8.0, help="duration of each phase")
+    s.add_argument(
+        "--workers",
+        default="1",
+        help="comma-separated [server].workers to measure in turn, e.g. 1,2",
+    )
     s.add_argument("--json", metavar="FILE", help="also write the results as JSON")
 
 
@@ -202,61 +207,72 @@ async def drive_sends(
 
 
 def run(config: Config, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    import trio
-
     results: dict[str, Any] = {"machine": machine(), "args": vars(args) | {"func": None}}
     print(f"machine: {results['machine']}")
     print("measuring raw limits (plain asyncio, same servers)...", flush=True)
     raw_pg = asyncio.run(raw_pg_commits(config.postgres.dsn, min(args.seconds, 5.0)))
     raw_redis = asyncio.run(raw_redis_publish(config.redis.url, min(args.seconds, 3.0)))
-    proc, url = start_chatd(config, tmp)
-    try:
-        print(
-            f"chatd at {url}: full load ({args.senders} senders x {args.window} in flight, "
-            f"{args.convs} convs x {args.viewers} viewers)...",
-            flush=True,
-        )
-        cpu0 = cpu_seconds(proc.pid)
-        full = trio.run(drive_sends, url, args, None, "full")
-        full["server_cpu"] = (cpu_seconds(proc.pid) - cpu0) / args.seconds
-        half_rate = full["sends_per_s"] / 2
-        print(f"half load (open loop at {half_rate:.0f} sends/s)...", flush=True)
-        cpu0 = cpu_seconds(proc.pid)
-        half = trio.run(drive_sends, url, args, half_rate, "half")
-        half["server_cpu"] = (cpu_seconds(proc.pid) - cpu0) / args.seconds
-        # The core target's wording: ack p99 at half the raw commit rate.
-        print(f"half raw (open loop at {raw_pg / 2:.0f} sends/s)...", flush=True)
-        cpu0 = cpu_seconds(proc.pid)
-        half_raw = trio.run(drive_sends, url, args, raw_pg / 2, "halfraw")
-        half_raw["server_cpu"] = (cpu_seconds(proc.pid) - cpu0) / args.seconds
-    finally:
-        proc.terminate()
-        proc.wait(15)
-    results.update(
-        raw_pg_commits_per_s=raw_pg,
-        raw_redis_publish_per_s=raw_redis,
-        full=full,
-        half=half,
-        half_raw=half_raw,
-    )
+    results.update(raw_pg_commits_per_s=raw_pg, raw_redis_publish_per_s=raw_redis)
+    counts = [int(n) for n in str(args.workers).split(",") if n.strip()]
+    by_workers = {n: _measure(config, args, tmp, n, raw_pg) for n in counts}
+    if counts == [1]:
+        results.update(by_workers[1])
+    else:
+        results["by_workers"] = by_workers
 
     print()
     print(f"{'raw limit (same run)':<44}{'per second':>12}")
     print(f"{'asyncpg single-row commits, 8 connections':<44}{raw_pg:>12.0f}")
     print(f"{'redis PUBLISH, sequential':<44}{raw_redis:>12.0f}")
     print()
-    hdr = f"{'chatd phase':<12}{'sends/s':>9}{'x pg raw':>9}{'ack p50':>9}{'ack p99':>9}{'deliv/s':>9}{'x redis':>9}{'dlv p50':>9}{'dlv p99':>9}{'cpu':>6}{'bench':>6}{'err':>5}"
+    hdr = f"{'chatd phase':<16}{'sends/s':>9}{'x pg raw':>9}{'ack p50':>9}{'ack p99':>9}{'deliv/s':>9}{'x redis':>9}{'dlv p50':>9}{'dlv p99':>9}{'cpu':>6}{'bench':>6}{'err':>5}"
     print(hdr)
-    for name, r in (("full load", full), ("half load", half), ("half raw", half_raw)):
-        print(
-            f"{name:<12}{r['sends_per_s']:>9.0f}{r['sends_per_s'] / raw_pg:>9.2f}"
-            f"{r['ack_p50_ms']:>7.1f}ms{r['ack_p99_ms']:>7.1f}ms{r['deliveries_per_s']:>9.0f}"
-            f"{r['deliveries_per_s'] / raw_redis:>9.2f}{r['delivery_p50_ms']:>7.1f}ms{r['delivery_p99_ms']:>7.1f}ms"
-            f"{r['server_cpu']:>6.2f}{r['client_cpu']:>6.2f}{r['errors']:>5}"
-        )
+    for n, phases in by_workers.items():
+        for name, key in (("full load", "full"), ("half load", "half"), ("half raw", "half_raw")):
+            r = phases[key]
+            label = name if len(counts) == 1 else f"{n}w {name}"
+            print(
+                f"{label:<16}{r['sends_per_s']:>9.0f}{r['sends_per_s'] / raw_pg:>9.2f}"
+                f"{r['ack_p50_ms']:>7.1f}ms{r['ack_p99_ms']:>7.1f}ms{r['deliveries_per_s']:>9.0f}"
+                f"{r['deliveries_per_s'] / raw_redis:>9.2f}{r['delivery_p50_ms']:>7.1f}ms{r['delivery_p99_ms']:>7.1f}ms"
+                f"{r['server_cpu']:>6.2f}{r['client_cpu']:>6.2f}{r['errors']:>5}"
+            )
     print("\nsends/s: acknowledged durable sends; x pg raw: ratio to raw single-row commits/s;")
     print("deliv/s: message events received by viewers; x redis: ratio to raw PUBLISH/s;")
     print("full load: closed loop; half load: open loop at half of full load's rate;")
     print("half raw: open loop at half the raw commit rate (the core target's ack p99 condition).")
-    print("cpu: chatd server process CPU (1.0 = one core busy); bench: this load generator's CPU.")
+    print("cpu: chatd's CPU, all its worker processes (1.0 = one core busy); bench: this load")
+    print("generator's CPU. Nw: [server].workers = N.")
     return results
+
+
+def _measure(
+    config: Config, args: argparse.Namespace, tmp: Path, workers: int, raw_pg: float
+) -> dict[str, Any]:
+    """The three phases against one chatd with ``workers`` processes."""
+    import trio
+
+    proc, url = start_chatd(config, tmp, {"server": {"workers": workers}})
+    try:
+        print(
+            f"chatd at {url} ({workers} worker(s)): full load ({args.senders} senders x "
+            f"{args.window} in flight, {args.convs} convs x {args.viewers} viewers)...",
+            flush=True,
+        )
+        cpu0 = tree_cpu_seconds(proc.pid)
+        full = trio.run(drive_sends, url, args, None, "full")
+        full["server_cpu"] = (tree_cpu_seconds(proc.pid) - cpu0) / args.seconds
+        half_rate = full["sends_per_s"] / 2
+        print(f"half load (open loop at {half_rate:.0f} sends/s)...", flush=True)
+        cpu0 = tree_cpu_seconds(proc.pid)
+        half = trio.run(drive_sends, url, args, half_rate, "half")
+        half["server_cpu"] = (tree_cpu_seconds(proc.pid) - cpu0) / args.seconds
+        # The core target's wording: ack p99 at half the raw commit rate.
+        print(f"half raw (open loop at {raw_pg / 2:.0f} sends/s)...", flush=True)
+        cpu0 = tree_cpu_seconds(proc.pid)
+        half_raw = trio.run(drive_sends, url, args, raw_pg / 2, "halfraw")
+        half_raw["server_cpu"] = (tree_cpu_seconds(proc.pid) - cpu0) / args.seconds
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return {"full": full, "half": half, "half_raw": half_raw}

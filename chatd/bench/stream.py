@@ -11,10 +11,11 @@ import argparse
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from chatd.bench.common import cpu_seconds, machine, pct, raw_redis_publish, start_chatd
+from chatd.bench.common import machine, pct, raw_redis_publish, start_chatd, tree_cpu_seconds
 from chatd.config import Config
 
 
@@ -26,6 +27,11 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--seconds", type=float, default=10.0, help="measured duration")
     s.add_argument(
         "--lane-interval-ms", type=float, default=0.0, help="[streams].lane_interval_ms for chatd"
+    )
+    s.add_argument(
+        "--workers",
+        default="1",
+        help="comma-separated [server].workers to measure in turn, e.g. 1,2",
     )
     s.add_argument("--json", metavar="FILE", help="also write the results as JSON")
 
@@ -114,42 +120,57 @@ async def _drive(url: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(config: Config, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    import trio
-
     results: dict[str, Any] = {"machine": machine(), "args": vars(args) | {"func": None}}
     print(f"machine: {results['machine']}")
     print("measuring raw Redis PUBLISH (plain asyncio, same server)...", flush=True)
     raw_redis = asyncio.run(raw_redis_publish(config.redis.url, 3.0))
+    counts = [int(n) for n in str(args.workers).split(",") if n.strip()]
+    by_workers = {n: _measure(config, args, tmp, n) for n in counts}
+    target = args.streams * args.rate * args.viewers
+    results.update(raw_redis_publish_per_s=raw_redis, target_deliveries_per_s=target)
+    if counts == [1]:
+        results.update(by_workers[1])
+    else:
+        results["by_workers"] = by_workers
+    print()
+    print(f"{'':<34}" + "".join(f"{f'{n} worker(s)':>14}" for n in counts))
+
+    def row(label: str, cell: Callable[[dict[str, Any]], str]) -> None:
+        print(f"{label:<34}" + "".join(f"{cell(by_workers[n]):>14}" for n in counts))
+
+    print(f"{'raw redis PUBLISH/s (same run)':<34}{raw_redis:>14.0f}")
+    print(f"{'offered token deliveries/s':<34}{target:>14.0f}")
+    row("token deliveries/s", lambda r: f"{r['token_deliveries_per_s']:.0f}")
+    row("  x offered", lambda r: f"{r['token_deliveries_per_s'] / target:.2f}")
+    row("  x raw PUBLISH/s", lambda r: f"{r['token_deliveries_per_s'] / raw_redis:.2f}")
+    row("delta frames/s (to clients)", lambda r: f"{r['delta_frames_per_s']:.0f}")
+    row("emit -> client p50", lambda r: f"{r['latency_p50_ms']:.1f}ms")
+    row("emit -> client p99", lambda r: f"{r['latency_p99_ms']:.1f}ms")
+    row("offset gaps seen by clients", lambda r: f"{r['offset_gaps']}")
+    row("chatd CPU, all workers (cores)", lambda r: f"{r['server_cpu']:.2f}")
+    row("bench clients CPU (cores)", lambda r: f"{r['client_cpu']:.2f}")
+    return results
+
+
+def _measure(config: Config, args: argparse.Namespace, tmp: Path, workers: int) -> dict[str, Any]:
+    import trio
+
     streams = {
         "max_streams": max(200, args.streams * 2),
         "lane_interval_ms": args.lane_interval_ms,
     }
-    proc, url = start_chatd(config, tmp, {"streams": streams})
+    sections = {"streams": streams, "server": {"workers": workers}}
+    proc, url = start_chatd(config, tmp, sections)
     try:
         print(
-            f"chatd at {url}: {args.streams} replies x {args.rate:g} tokens/s, "
-            f"{args.viewers} viewers each, {args.seconds:g}s measured...",
+            f"chatd at {url} ({workers} worker(s)): {args.streams} replies x {args.rate:g} "
+            f"tokens/s, {args.viewers} viewers each, {args.seconds:g}s measured...",
             flush=True,
         )
-        cpu0, t0 = cpu_seconds(proc.pid), time.monotonic()
+        cpu0, t0 = tree_cpu_seconds(proc.pid), time.monotonic()
         r = trio.run(_drive, url, args)
-        r["server_cpu"] = (cpu_seconds(proc.pid) - cpu0) / (time.monotonic() - t0)
+        r["server_cpu"] = (tree_cpu_seconds(proc.pid) - cpu0) / (time.monotonic() - t0)
     finally:
         proc.terminate()
-        proc.wait(15)
-    target = args.streams * args.rate * args.viewers
-    results.update(raw_redis_publish_per_s=raw_redis, target_deliveries_per_s=target, **r)
-    print()
-    print(f"{'':<34}{'value':>12}")
-    print(f"{'raw redis PUBLISH/s (same run)':<34}{raw_redis:>12.0f}")
-    print(f"{'offered token deliveries/s':<34}{target:>12.0f}")
-    print(f"{'token deliveries/s':<34}{r['token_deliveries_per_s']:>12.0f}")
-    print(f"{'  x offered':<34}{r['token_deliveries_per_s'] / target:>12.2f}")
-    print(f"{'  x raw PUBLISH/s':<34}{r['token_deliveries_per_s'] / raw_redis:>12.2f}")
-    print(f"{'delta frames/s (to clients)':<34}{r['delta_frames_per_s']:>12.0f}")
-    print(f"{'emit -> client p50':<34}{r['latency_p50_ms']:>10.1f}ms")
-    print(f"{'emit -> client p99':<34}{r['latency_p99_ms']:>10.1f}ms")
-    print(f"{'offset gaps seen by clients':<34}{r['offset_gaps']:>12}")
-    print(f"{'chatd server CPU (cores)':<34}{r['server_cpu']:>12.2f}")
-    print(f"{'bench clients CPU (cores)':<34}{r['client_cpu']:>12.2f}")
-    return results
+        proc.wait(30)
+    return r
