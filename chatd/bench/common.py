@@ -155,6 +155,17 @@ def start_chatd(
     return proc, m.group(1)
 
 
+def rss_mb(pid: int) -> float:
+    """Resident memory of ``pid`` in MiB (NaN if it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
 def tree_cpu_seconds(pid: int) -> float:
     """CPU seconds of ``pid`` and its direct children (a supervisor and its workers)."""
     from chatd.embedded.processes import children

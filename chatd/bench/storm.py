@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from chatd.bench.common import machine, pct, start_chatd
+from chatd.bench.common import machine, pct, rss_mb, start_chatd
 from chatd.config import Config
 
 #: Quiet seconds measured before the storm, and after it ends.
@@ -94,13 +94,6 @@ async def _storm(url: str, clients: int, subs: int, tag: str) -> dict[str, Any]:
 # -- the bystander and the server's memory ----------------------------------------
 
 
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 async def _bystand(url: str, pid: int, args: argparse.Namespace, tag: str) -> dict[str, Any]:
     import trio
     from trio_websocket import open_websocket_url
@@ -144,7 +137,7 @@ async def _bystand(url: str, pid: int, args: argparse.Namespace, tag: str) -> di
 
     async def memory() -> None:
         while not done.is_set():
-            rss.append(_rss_mb(pid))
+            rss.append(rss_mb(pid))
             await trio.sleep(0.1)
 
     async def the_storm() -> None:
