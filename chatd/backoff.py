@@ -24,11 +24,12 @@ class Backoff:
     #: Each delay is drawn from [delay * (1 - jitter), delay].
     jitter: float = 0.25
     delay: float = field(init=False)
-    _rng: random.Random = field(init=False, repr=False)
+    #: Seeded from the OS at the first retry only: a feed is created per
+    #: conversation, and most never retry (seeding costs more than the feed).
+    _rng: random.Random | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         self.delay = self.low
-        self._rng = random.Random()
 
     @classmethod
     def of(cls, cfg: RetryConfig) -> Backoff:
@@ -38,6 +39,8 @@ class Backoff:
         """The delay to wait now; the one after it doubles, up to ``high``."""
         d = self.delay
         self.delay = min(d * 2, self.high)
+        if self._rng is None:
+            self._rng = random.Random()
         return d * (1.0 - self.jitter * self._rng.random())
 
     def reset(self) -> None:

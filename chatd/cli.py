@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -57,6 +58,7 @@ async def _serve_until_signal(config: Config, worker: bool = False) -> None:
                 nursery.cancel_scope.cancel()  # done: stop watching for signals
 
             server = await nursery.start(run)
+            _tune_gc(config)
             print(f"chatd serving on {server.url}", flush=True)
             if worker:
                 nursery.start_soon(_drain_if_orphaned, server)
@@ -68,6 +70,16 @@ async def _serve_until_signal(config: Config, worker: bool = False) -> None:
                 else:
                     log.warning("received %s again, stopping now", name)
                     nursery.cancel_scope.cancel()
+
+
+def _tune_gc(config: Config) -> None:
+    """Once serving: freeze what startup made (never garbage) and collect less often.
+
+    The process is ``chatd serve``'s own, so the collector is its to set.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*config.server.gc_thresholds)
 
 
 async def _drain_if_orphaned(server: Any) -> None:

@@ -27,6 +27,11 @@ class ServerConfig:
     #: chatd processes serving the port together (one core each); a dead one
     #: is restarted, SIGTERM drains them all. 1: a single process.
     workers: int = 1
+    #: Python's garbage collector thresholds for ``chatd serve`` (Python's own
+    #: default: 700, 10, 10). A server holds many long-lived objects; with the
+    #: default, full collections during a storm of joins stall every client
+    #: for 100-300 ms (docs/benchmarks.md). What is alive at startup is frozen.
+    gc_thresholds: tuple[int, ...] = (10000, 50, 1000)
     #: A WebSocket frame larger than this closes the connection with 1009.
     max_frame_bytes: int = 65536
     #: Longest accepted message text, in characters.
@@ -334,6 +339,13 @@ def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
             raise ConfigError(f"{name} must be a string, got {value!r}")
         return value
     if isinstance(default, tuple):
+        # A list of integers when the default holds integers, else of strings.
+        if default and isinstance(default[0], int):
+            if not isinstance(value, list) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value
+            ):
+                raise ConfigError(f"{name} must be a list of integers, got {value!r}")
+            return tuple(value)
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{name} must be a list of strings, got {value!r}")
         return tuple(value)

@@ -34,6 +34,16 @@ def test_shipped_config_toml_lists_exactly_the_defaults():
         ({"auth": {"mode": "jwt", "algorithms": ["ES256"]}}, "[auth]"),
         ({"auth": {"algorithms": "HS256"}}, "[auth].algorithms"),
         ({"limits": {"send_burst": 0}}, "[limits].send_burst"),
+        ({"server": {"gc_thresholds": [700, 10]}}, "[server].gc_thresholds"),
+        ({"server": {"gc_thresholds": ["700", 10, 10]}}, "[server].gc_thresholds"),
+        ({"server": {"workers": 0}}, "[server].workers"),
+        (
+            {"server": {"workers": 2}, "chaos": {"enabled": True, "admin_token": "t" * 32}},
+            "[chaos]",
+        ),
+        ({"postgres": {"reads_in_flight": 10}}, "[postgres].reads_in_flight"),
+        ({"store": {"join_batch": 0}}, "[store].join_batch"),
+        ({"store": {"page_bytes": 10}}, "[store].page_bytes"),
     ],
 )
 def test_bad_config_names_the_key(data, named):

@@ -30,6 +30,14 @@ def conv_of(chan: str) -> str | None:
     return chan[len(_PREFIX) :] if chan.startswith(_PREFIX) else None
 
 
+_CHUNK = 500
+
+
+def _chunks(convs: frozenset[str]) -> list[list[str]]:
+    items = list(convs)
+    return [items[i : i + _CHUNK] for i in range(0, len(items), _CHUNK)]
+
+
 class AioSubscriber:
     """Subscriptions and reads of one pub/sub connection (asyncio side only)."""
 
@@ -43,10 +51,20 @@ class AioSubscriber:
         self.wake_channel = wake_channel
 
     async def receive(
-        self, wanted: frozenset[str], wait: float, limit: int
-    ) -> tuple[list[BusMessage], frozenset[str]]:
-        """Converge the subscriptions to ``wanted``, then read.
+        self,
+        full: frozenset[str] | None,
+        add: frozenset[str],
+        drop: frozenset[str],
+        wait: float,
+        limit: int,
+    ) -> list[BusMessage]:
+        """Converge the subscriptions, then read.
 
+        ``full``: every channel wanted (after a failure, or the first time);
+        otherwise ``add`` and ``drop`` are the changes since the last call
+        that returned (the caller sends the full set again after any
+        failure, so deltas never apply to a connection that lost them):
+        a storm of joins costs each call its changes, not the whole set.
         Waits at most ``wait`` seconds for the first message; returns early on
         a wake-up. ``subscribe`` confirmations are returned too: each means the
         channel is live (again), so the caller re-reads what it may have missed.
@@ -54,8 +72,10 @@ class AioSubscriber:
         if self._broken:
             await self._replace()
         try:
-            await self._sync(wanted)
-            return await self._read(wait, limit), frozenset(self._subscribed)
+            if full is not None:
+                add, drop = full - self._subscribed, self._subscribed - full
+            await self._sync(add, drop)
+            return await self._read(wait, limit)
         except BaseException:
             # Failed or cancelled mid-call: the connection's state is unknown.
             # Start over with a fresh one next time; every channel is then
@@ -75,27 +95,33 @@ class AioSubscriber:
         except Exception as exc:  # the old connection is already dead; closing is best-effort
             log.debug("closing a failed pub/sub connection: %s", exc)
 
-    async def _sync(self, wanted: frozenset[str]) -> None:
+    async def _sync(self, add: frozenset[str], drop: frozenset[str]) -> None:
         ps = self._pubsub
         if ps.connection is None:
             await ps.subscribe(CONTROL_CHANNEL, self.wake_channel)
-        add = wanted - self._subscribed
-        drop = self._subscribed - wanted
-        if add:
-            await ps.subscribe(*(channel(c) for c in add))
-            self._subscribed |= add
-        if drop:
-            await ps.unsubscribe(*(channel(c) for c in drop))
-            self._subscribed -= drop
+        # In commands of at most _CHUNK channels: packing tens of thousands of
+        # channels into one command (a storm of joins, or of leaves) would hold
+        # the event loop, and every client with it, for as long.
+        for part in _chunks(add):
+            await ps.subscribe(*(channel(c) for c in part))
+            self._subscribed.update(part)
+        for part in _chunks(drop):
+            await ps.unsubscribe(*(channel(c) for c in part))
+            self._subscribed.difference_update(part)
 
     async def _read(self, wait: float, limit: int) -> list[BusMessage]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         out: list[BusMessage] = []
+        seen = 0
         while True:
             timeout = 0.0 if out else max(0.0, deadline - loop.time())
             msg = await self._pubsub.get_message(timeout=timeout)
             if msg is not None:
+                # Every message read counts, confirmations of unsubscribes
+                # included: after a storm of leaves they arrive by the
+                # thousand, and reading them all in one go would hold the loop.
+                seen += 1
                 kind = msg["type"]
                 chan = msg["channel"]
                 conv = conv_of(chan)
@@ -105,7 +131,7 @@ class AioSubscriber:
                     out.append(BusMessage("control", "", msg["data"]))
                 elif chan == self.wake_channel and kind == "message":
                     return out  # the wanted set changed: come back with the new one
-                if len(out) >= limit:
+                if seen >= limit:
                     return out
                 continue
             if out or loop.time() >= deadline:

@@ -214,8 +214,13 @@ class RedisTransport:
         self._subscriber = AioSubscriber(client, _WAKE_PREFIX + uuid.uuid4().hex)
         #: Conversations local subscribers want; ``receive`` converges Redis to it.
         self._wanted: set[str] = set()
+        #: Changes to ``_wanted`` not yet sent to the subscriber.
+        self._add: set[str] = set()
+        self._drop: set[str] = set()
+        #: The subscriber must get the whole set (first call, or after a failure).
+        self._need_full = True
         #: What the pub/sub connection was subscribed to after the last ``receive``.
-        self.subscribed: frozenset[str] = frozenset()
+        self.subscribed: set[str] = set()
         self._wake_needed = trio.Event()
 
     async def publish_events(self, events: Sequence[tuple[str, str]]) -> None:
@@ -248,19 +253,40 @@ class RedisTransport:
     def want(self, conv: str) -> None:
         if conv not in self._wanted:
             self._wanted.add(conv)
+            self._add.add(conv)
+            self._drop.discard(conv)
             self._wake_needed.set()
 
     def unwant(self, conv: str) -> None:
-        self._wanted.discard(conv)
+        if conv in self._wanted:
+            self._wanted.discard(conv)
+            self._drop.add(conv)
+            self._add.discard(conv)
 
     async def receive(self, wait: float) -> list[BusMessage]:
-        messages, self.subscribed = await self.bridge.redis(
-            self._subscriber.receive,
-            frozenset(self._wanted),
-            wait,
-            _RECEIVE_LIMIT,
-            deadline=wait + self._cfg.command_timeout,
-        )
+        full = frozenset(self._wanted) if self._need_full else None
+        add, drop = frozenset(self._add), frozenset(self._drop)
+        self._add, self._drop = set(), set()
+        try:
+            messages = await self.bridge.redis(
+                self._subscriber.receive,
+                full,
+                add,
+                drop,
+                wait,
+                _RECEIVE_LIMIT,
+                deadline=wait + self._cfg.command_timeout,
+            )
+        except BaseException:
+            # The subscriber starts over on a new connection: it needs everything.
+            self._need_full = True
+            raise
+        if full is not None:
+            self.subscribed = set(full)
+            self._need_full = False
+        else:
+            self.subscribed |= add
+            self.subscribed -= drop
         return messages
 
     async def _wake_receiver(self) -> None:
@@ -272,7 +298,7 @@ class RedisTransport:
         while True:
             await self._wake_needed.wait()
             self._wake_needed = trio.Event()
-            if self._wanted <= self.subscribed:
+            if not self._add and not self._need_full:
                 continue
             try:
                 await self.bridge.redis(

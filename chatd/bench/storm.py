@@ -178,6 +178,13 @@ async def _bystand(url: str, pid: int, args: argparse.Namespace, tag: str) -> di
         "rss_rest_mb": rss[0] if rss else float("nan"),
         "rss_peak_mb": max(rss, default=float("nan")),
     }
+    # Back to normal: from the storm's end, the first second from which on
+    # every second's ack p99 is within twice the quiet p99 (at least 50 ms).
+    normal = max(0.05, 2 * pct(window(acks, start - _BEFORE, start), 0.99))
+    per_second = [pct(window(acks, end + k, end + k + 1), 0.99) for k in range(int(_AFTER))]
+    out["ack_p99_ms_each_second_after"] = [v * 1000 for v in per_second]
+    late = [k + 1 for k, v in enumerate(per_second) if v > normal]
+    out["back_to_normal_s"] = max(late, default=0) if len(late) < len(per_second) else None
     for name, lo, hi in (
         ("before", start - _BEFORE, start),
         ("during", start, end),
@@ -245,6 +252,12 @@ def _print(runs: list[dict[str, Any]]) -> None:
             ]
             label = f"{r['server'][:26]} {what}"
             print(f"{label:<34}{cells[0]:>16}{cells[1]:>16}{cells[2]:>16}")
+    print()
+    for r in runs:
+        after = " ".join(f"{v:.0f}" for v in r["ack_p99_ms_each_second_after"])
+        back = r["back_to_normal_s"]
+        when = "not within 5 s" if back is None else f"{back} s after the storm"
+        print(f"{r['server'][:33]:<34}ack p99 per second after: {after} ms; normal again {when}")
     print(
         "\nanswered: from the storm's start until its last subscribe was answered (connects included)"
     )

@@ -49,6 +49,8 @@ class _Load:
     afters: tuple[int | None, ...]
     #: Reply ids the joining clients hold part of.
     held: frozenset[str]
+    #: Replies in flight wanted too (joins); a resync needs only messages.
+    streams: bool = True
     done: trio.Event = field(default_factory=trio.Event)
     result: Loaded | Unavailable | None = None
     #: The feed stopped waiting (cancelled): not worth loading any more.
@@ -93,9 +95,17 @@ class Loader:
     def queued(self) -> int:
         return len(self._queue)
 
-    async def load(self, conv: str, afters: tuple[int | None, ...], held: frozenset[str]) -> Loaded:
-        """The snapshots of clients joining ``conv``; raises Unavailable if the log is."""
-        req = _Load(conv, afters, held)
+    async def load(
+        self,
+        conv: str,
+        afters: tuple[int | None, ...],
+        held: frozenset[str],
+        *,
+        streams: bool = True,
+    ) -> Loaded:
+        """The snapshots of clients joining ``conv`` (with its replies in flight
+        unless not ``streams``); raises Unavailable if the log is."""
+        req = _Load(conv, afters, held, streams)
         self._queue.append(req)
         self.counters.queue_peak = max(self.counters.queue_peak, len(self._queue))
         self._wake.set()
@@ -144,23 +154,28 @@ class Loader:
                 req.done.set()
 
     async def _load_batch(self, batch: list[_Load]) -> list[Loaded]:
-        convs = [r.conv for r in batch]
+        inflight: list[list[InFlight]] = [[] for _ in batch]
         # Replies in flight first, then the log: a reply that commits in between
         # is reported as committed by the snapshot, and dropped by the feed.
-        try:
-            inflight = await self._transport.read_streams(convs)
-        except Unavailable as exc:
-            log.debug("no in-flight replies for %d conversations: %s", len(convs), exc)
-            inflight = [[] for _ in convs]
-        if self._checkpoints:
-            # Redis may have lost a partial (or all of them): the checkpoint holds
-            # a prefix too. Per reply, the longer of the two knows more.
+        wanted = [i for i, r in enumerate(batch) if r.streams]
+        convs = [batch[i].conv for i in wanted]
+        if convs:
             try:
-                held = await self._log.inflight(convs)
+                found = await self._transport.read_streams(convs)
             except Unavailable as exc:
-                log.debug("no checkpoints for %d conversations: %s", len(convs), exc)
-                held = [[] for _ in convs]
-            inflight = [longest(a, b) for a, b in zip(inflight, held, strict=True)]
+                log.debug("no in-flight replies for %d conversations: %s", len(convs), exc)
+                found = [[] for _ in convs]
+            if self._checkpoints:
+                # Redis may have lost a partial (or all of them): the checkpoint
+                # holds a prefix too. Per reply, the longer of the two knows more.
+                try:
+                    held = await self._log.inflight(convs)
+                except Unavailable as exc:
+                    log.debug("no checkpoints for %d conversations: %s", len(convs), exc)
+                    held = [[] for _ in convs]
+                found = [longest(a, b) for a, b in zip(found, held, strict=True)]
+            for i, f in zip(wanted, found, strict=True):
+                inflight[i] = f
         # Replies a client says it holds part of count too: the transport may
         # not have reported them, and a committed one is over for that client.
         asks = [
