@@ -74,6 +74,14 @@ class AioSubscriber:
         try:
             if full is not None:
                 add, drop = full - self._subscribed, self._subscribed - full
+            if len(drop) > max(_CHUNK, 2 * (len(self._subscribed) - len(drop))):
+                # Most channels are going (the storm's clients left): a new
+                # connection subscribed to the few that stay is far cheaper
+                # than reading a confirmation for every channel dropped. The
+                # ones that stay are confirmed anew, and each resyncs.
+                keep = (self._subscribed - drop) | add
+                await self._replace()
+                add, drop = frozenset(keep), frozenset()
             await self._sync(add, drop)
             return await self._read(wait, limit)
         except BaseException:
