@@ -104,6 +104,8 @@ BENCH_CONFIG: dict[str, dict[str, Any]] = {
         "frame_rate": 0,
         "replies_per_connection": 100000,
         "replies_per_user": 100000,
+        # Every client of a load generator comes from one address.
+        "connections_per_address": 100000,
     },
     "log": {"level": "warning"},
 }

@@ -253,6 +253,10 @@ def _measure(
     import trio
 
     proc, url = start_chatd(config, tmp, {"server": {"workers": workers}})
+    # Conversations and message ids unique to this server's run: another run on
+    # the same database must not find its sends already stored (duplicates are
+    # acked without a commit or a delivery).
+    run = f"{time.time_ns():x}"
     try:
         print(
             f"chatd at {url} ({workers} worker(s)): full load ({args.senders} senders x "
@@ -260,17 +264,17 @@ def _measure(
             flush=True,
         )
         cpu0 = tree_cpu_seconds(proc.pid)
-        full = trio.run(drive_sends, url, args, None, "full")
+        full = trio.run(drive_sends, url, args, None, f"{run}-full")
         full["server_cpu"] = (tree_cpu_seconds(proc.pid) - cpu0) / args.seconds
         half_rate = full["sends_per_s"] / 2
         print(f"half load (open loop at {half_rate:.0f} sends/s)...", flush=True)
         cpu0 = tree_cpu_seconds(proc.pid)
-        half = trio.run(drive_sends, url, args, half_rate, "half")
+        half = trio.run(drive_sends, url, args, half_rate, f"{run}-half")
         half["server_cpu"] = (tree_cpu_seconds(proc.pid) - cpu0) / args.seconds
         # The core target's wording: ack p99 at half the raw commit rate.
         print(f"half raw (open loop at {raw_pg / 2:.0f} sends/s)...", flush=True)
         cpu0 = tree_cpu_seconds(proc.pid)
-        half_raw = trio.run(drive_sends, url, args, raw_pg / 2, "halfraw")
+        half_raw = trio.run(drive_sends, url, args, raw_pg / 2, f"{run}-halfraw")
         half_raw["server_cpu"] = (tree_cpu_seconds(proc.pid) - cpu0) / args.seconds
     finally:
         proc.terminate()
