@@ -11,50 +11,27 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-from functools import partial
 
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
+
+from tests.chatd_process import start_chatd
 
 CONNECTIONS = 8
 IN_FLIGHT = 32
 
 
-async def _start_chatd(tmp_path, postgres, redis_server, nursery) -> tuple[trio.Process, str]:
-    conf = tmp_path / "chatd.toml"
-    conf.write_text(
-        "[server]\nport = 0\nshutdown_grace = 5.0\n"
-        "[model]\nfake_token_rate = 20.0\n"
-        '[log]\nlevel = "warning"\n'
-    )
-    env = {
-        **os.environ,
-        "CHATD_POSTGRES_DSN": postgres.dsn,
-        "CHATD_REDIS_URL": redis_server.url,
-    }
-    proc: trio.Process = await nursery.start(
-        partial(
-            trio.run_process,
-            [sys.executable, "-m", "chatd.cli", "--config", str(conf), "serve"],
-            stdout=subprocess.PIPE,
-            env=env,
-            check=False,
-        )
-    )
-    line = b""
-    with trio.fail_after(30):
-        while b"\n" not in line:
-            line += await proc.stdout.receive_some(4096)
-    url = line.decode().split("serving on ", 1)[1].split()[0]
-    return proc, url
+_TOML = (
+    "[server]\nport = 0\nshutdown_grace = 5.0\n"
+    "[model]\nfake_token_rate = 20.0\n"
+    '[log]\nlevel = "warning"\n'
+)
 
 
 async def test_sigterm_answers_every_send_and_ends_every_reply(
     tmp_path, postgres, redis_server, nursery
 ):
-    proc, url = await _start_chatd(tmp_path, postgres, redis_server, nursery)
+    proc, url = await start_chatd(nursery, tmp_path, postgres, redis_server, _TOML)
     conv = f"sd-{os.getpid()}-{trio.current_time():.0f}"
     refs_answered: dict[int, list[dict]] = {}
     closes: dict[int, int | None] = {}

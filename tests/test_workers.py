@@ -9,43 +9,17 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-from functools import partial
 
 import trio
 
 from chatd.embedded.processes import children
+from tests.chatd_process import start_chatd
 from tests.client import Client
 
 WORKERS = 2
 
 
-async def _start(tmp_path, postgres, redis_server, nursery) -> tuple[trio.Process, str]:
-    conf = tmp_path / "chatd.toml"
-    conf.write_text(
-        f'[server]\nport = 0\nworkers = {WORKERS}\nshutdown_grace = 5.0\n[log]\nlevel = "warning"\n'
-    )
-    env = {
-        **os.environ,
-        "CHATD_POSTGRES_DSN": postgres.dsn,
-        "CHATD_REDIS_URL": redis_server.url,
-    }
-    proc: trio.Process = await nursery.start(
-        partial(
-            trio.run_process,
-            [sys.executable, "-m", "chatd.cli", "--config", str(conf), "serve"],
-            stdout=subprocess.PIPE,
-            env=env,
-            check=False,
-        )
-    )
-    line = b""
-    with trio.fail_after(60):
-        while b"\n" not in line:
-            line += await proc.stdout.receive_some(4096)
-    assert f"({WORKERS} workers)".encode() in line, line
-    return proc, line.decode().split("serving on ", 1)[1].split()[0]
+_TOML = f'[server]\nport = 0\nworkers = {WORKERS}\nshutdown_grace = 5.0\n[log]\nlevel = "warning"\n'
 
 
 async def _workers_of(proc: trio.Process, n: int) -> list[int]:
@@ -64,7 +38,7 @@ async def _client(nursery, url: str, user: str) -> Client:
 async def test_workers_share_the_port_restart_when_killed_and_drain_on_sigterm(
     tmp_path, postgres, redis_server, nursery
 ):
-    proc, url = await _start(tmp_path, postgres, redis_server, nursery)
+    proc, url = await start_chatd(nursery, tmp_path, postgres, redis_server, _TOML)
     pids = await _workers_of(proc, WORKERS)
     conv = f"workers-{os.getpid()}-{trio.current_time():.0f}"
     watcher = await _client(nursery, url, "watcher")
