@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import math
 
+import pytest
 import trio
 
+from chatd.errors import StoreUnavailable
 from chatd.records import NewMessage
 from chatd.server import serve
 from tests.conftest import make_config, sql, wait_until
@@ -155,3 +157,25 @@ async def test_the_relay_vacuums_the_outbox(nursery, postgres, redis_server, con
         return srv.engine.relay.vacuums >= 1 and await vacuum_count() > before
 
     await wait_until(vacuumed, timeout=10)
+
+
+async def test_a_claim_that_cannot_finish_gives_its_rows_back(
+    nursery, postgres, redis_server, conv
+):
+    # The relay leaves young rows alone for a minute: only this test claims them.
+    srv = await nursery.start(
+        serve, make_config(postgres, redis_server, relay={"claim_after": 60, "poll_interval": 30})
+    )
+    await _swept_clean(srv)
+    for k in range(3):
+        await srv.log.commit([NewMessage(conv, f"m{k}", "writer", "hi")], [], False)
+    mine = {r["id"] for r in await _outbox_rows(srv, conv)}
+    # Postgres refuses the claim's commit (the break switch): it cannot finish.
+    with pytest.raises(StoreUnavailable):
+        async with srv.log.claim_outbox(10, 0.0) as claimed:
+            assert mine <= {e.id for e in claimed}
+            srv.chaos.break_for("postgres", 60)
+    srv.chaos.heal()
+    # Its rows are not left locked by a connection nobody finishes: claimable again.
+    async with srv.log.claim_outbox(10, 0.0) as again:
+        assert mine <= {e.id for e in again}

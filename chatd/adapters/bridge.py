@@ -111,6 +111,13 @@ class Bridge:
         """Run ``fn(*args)`` on the asyncio side as a Redis call."""
         return await self._call("redis", fn, args, deadline)
 
+    async def cleanup(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """Release a resource on the asyncio side (close a connection, return it to
+        its pool): local work no outage can refuse, so no chaos gate; bounded."""
+        cross = trio_asyncio.aio_as_trio(_detached, loop=self._loop)
+        with trio.move_on_after(_CLEANUP_DEADLINE):
+            await cross(fn, args)
+
     async def _call(
         self,
         component: str,
@@ -143,6 +150,8 @@ async def open_bridge(
         yield Bridge(loop, chaos, postgres_timeout=postgres_timeout, redis_timeout=redis_timeout)
 
 
+#: Longest wait for a local cleanup on the asyncio side (closing, releasing).
+_CLEANUP_DEADLINE = 2.0
 #: At most this many asyncio callbacks run per Trio scheduler pass.
 _READY_BURST = 256
 

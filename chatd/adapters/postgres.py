@@ -278,8 +278,18 @@ class PostgresLog:
                     await self.bridge.postgres(claim.finish, False)
                 except StoreUnavailable as exc:
                     log.debug("rolling back a claim failed (its connection goes): %s", exc)
+                    await self.bridge.cleanup(claim.abandon)
             raise
-        await self.bridge.postgres(claim.finish, True)
+        try:
+            await self.bridge.postgres(claim.finish, True)
+        except BaseException:
+            # Not finished (refused, or cut short): the connection goes, its
+            # transaction with it, and the rows are there for the next sweep
+            # (published again: at least once). Left open, they stayed locked
+            # until the pool closed, and the outbox never drained.
+            with trio.move_on_after(self._cfg.command_timeout + 1.0, shield=True):
+                await self.bridge.cleanup(claim.abandon)
+            raise
 
     async def notify_relays(self) -> None:
         await self.bridge.postgres(aio_notify, self.pool)

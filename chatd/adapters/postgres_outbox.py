@@ -45,23 +45,32 @@ class Claim:
     tr: Any = None
 
     async def finish(self, commit: bool) -> None:
-        assert self.con is not None
+        con = self.con
+        assert con is not None
         try:
             if commit:
                 await self.tr.commit()
             else:
                 await self.tr.rollback()
         except BaseException:
-            self.con.terminate()  # the transaction dies with the connection
+            con.terminate()  # the transaction dies with the connection
             raise
         finally:
-            await self.pool.release(self.con)
+            await self._release()
 
     async def abandon(self) -> None:
-        """Nobody will finish this claim (its caller gave up): give the rows back."""
+        """Nobody will finish this claim (its caller gave up, or could not reach
+        Postgres to): give the rows back. Idempotent, and safe beside a
+        ``finish`` that was cut short."""
         if self.con is not None:
             self.con.terminate()
-            await self.pool.release(self.con)
+        await self._release()
+
+    async def _release(self) -> None:
+        # Taken before the await: the connection goes back to the pool once.
+        con, self.con = self.con, None
+        if con is not None:
+            await self.pool.release(con)
 
 
 async def aio_claim(pool: asyncpg.Pool, limit: int, min_age: float) -> Claim:
