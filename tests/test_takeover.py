@@ -26,24 +26,32 @@ def _cut_off(run) -> None:
     run.chaos.break_for("redis", math.inf)
 
 
+async def _watched_reply(env: Env, streams: dict, model: dict, prompt: str, words: int):
+    """Two processes on one log and transport: a reply asked on A and watched
+    from B, until the watcher has ``words`` words of it (0: just asked).
+    Returns A, B, the conversation, the watcher, the reply's id and its text so far."""
+    a = await env.start(streams=streams, model=model)
+    b = await env.start(streams=streams, model=model)
+    conv = env.conv()
+    watcher = await b.connect("watcher")
+    await watcher.subscribe(conv)
+    asker = await a.connect("asker")
+    stream = (await asker.send_reply(conv, "q", prompt))["stream"]
+    text = ""
+    while words and len(text.split(" ")) < words:
+        f = await watcher._next_stream_frame(conv, stream, 10)
+        if f["type"] == "delta":
+            text += f["text"]
+    return a, b, conv, watcher, stream, text
+
+
 async def _assistant(run, conv: str) -> list[dict]:
     return [m for m in await run.engine.log.after(conv, 0, 100) if m["role"] == "assistant"]
 
 
 async def test_a_cut_off_processs_reply_is_taken_over_and_ends_everywhere(env: Env, clock):
     model = {"fake_tokens": 400, "fake_token_rate": 20.0}
-    a = await env.start(streams=FAST, model=model)
-    b = await env.start(streams=FAST, model=model)
-    conv = env.conv()
-    watcher = await b.connect("watcher")
-    await watcher.subscribe(conv)
-    asker = await a.connect("asker")
-    stream = (await asker.send_reply(conv, "q", "long"))["stream"]
-    text = ""
-    while len(text.split(" ")) < 10:
-        f = await watcher._next_stream_frame(conv, stream, 10)
-        if f["type"] == "delta":
-            text += f["text"]
+    a, b, conv, watcher, stream, text = await _watched_reply(env, FAST, model, "long", 10)
     _cut_off(a)
     t0 = trio.current_time()
     end = await watcher.expect("stream.end", stream=stream, timeout=10)
@@ -98,18 +106,7 @@ async def test_a_late_commit_by_a_fenced_owner_changes_nothing(env: Env, clock):
 async def test_checkpoints_survive_the_owner_and_redis_lost_together(env: Env, clock):
     streams = {**FAST, "persistence": "checkpoint", "checkpoint_interval_ms": 50.0}
     model = {"fake_tokens": 400, "fake_token_rate": 40.0}
-    a = await env.start(streams=streams, model=model)
-    b = await env.start(streams=streams, model=model)
-    conv = env.conv()
-    watcher = await b.connect("watcher")
-    await watcher.subscribe(conv)
-    asker = await a.connect("asker")
-    stream = (await asker.send_reply(conv, "q", "long"))["stream"]
-    text = ""
-    while len(text.split(" ")) < 30:
-        f = await watcher._next_stream_frame(conv, stream, 10)
-        if f["type"] == "delta":
-            text += f["text"]
+    a, b, conv, watcher, stream, text = await _watched_reply(env, streams, model, "long", 30)
     await trio.sleep(0.2)  # a checkpoint or two since
     held = {f.stream: f.text for f in (await b.engine.log.inflight([conv]))[0]}
     assert len(held[stream]) > 0, "the partial is in Postgres as it generates"
@@ -194,13 +191,7 @@ async def test_an_orphan_that_said_nothing_ends_with_nothing_stored(env: Env, cl
     """Taken over before its first token reached anyone: like a reply stopped before it
     began, it ends with ``stream.error`` and no message (not an empty one)."""
     slow = {"fake_tokens": 5, "fake_token_rate": 0.1}  # the first token after 10 s
-    a = await env.start(streams=FAST, model=slow)
-    b = await env.start(streams=FAST, model=slow)
-    conv = env.conv()
-    watcher = await b.connect("watcher")
-    await watcher.subscribe(conv)
-    asker = await a.connect("asker")
-    stream = (await asker.send_reply(conv, "q", "slow model"))["stream"]
+    a, b, conv, watcher, stream, _ = await _watched_reply(env, FAST, slow, "slow model", 0)
     start = await watcher._next_stream_frame(conv, stream, 10)
     assert start["type"] == "stream.start"  # registered, and visible
     _cut_off(a)
@@ -216,18 +207,7 @@ async def test_the_taker_fences_a_live_owner_through_the_transport(env: Env, clo
     next lane batch is refused, so it publishes nothing after what the taker
     committed, and it gives the reply up before its heartbeat could tell it."""
     model = {"fake_tokens": 400, "fake_token_rate": 20.0}
-    a = await env.start(streams=FAST, model=model)
-    b = await env.start(streams=FAST, model=model)
-    conv = env.conv()
-    watcher = await b.connect("watcher")
-    await watcher.subscribe(conv)
-    asker = await a.connect("asker")
-    stream = (await asker.send_reply(conv, "q", "long"))["stream"]
-    text = ""
-    while len(text.split(" ")) < 5:
-        f = await watcher._next_stream_frame(conv, stream, 10)
-        if f["type"] == "delta":
-            text += f["text"]
+    a, b, conv, watcher, stream, text = await _watched_reply(env, FAST, model, "long", 5)
     a.chaos.break_for("postgres", math.inf)
     while True:
         f = await watcher._next_stream_frame(conv, stream, BOUND + 1)
