@@ -34,11 +34,9 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def _setup_logging(config: Config) -> None:
-    logging.basicConfig(
-        level=config.log.level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from chatd.logs import setup_logging
+
+    setup_logging(config.log)
 
 
 async def _serve_until_signal(config: Config, worker: bool = False) -> None:
@@ -46,6 +44,7 @@ async def _serve_until_signal(config: Config, worker: bool = False) -> None:
     from chatd.workers import inherited_listener
 
     listener = inherited_listener() if worker else None
+    index = int(os.environ.get("CHATD_WORKER", "0")) if worker else 0
 
     # The receiver stays open through the shutdown: the first signal starts the
     # orderly shutdown, a second one cancels it (still bounded by the same
@@ -54,7 +53,7 @@ async def _serve_until_signal(config: Config, worker: bool = False) -> None:
         async with trio.open_nursery() as nursery:
 
             async def run(task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
-                await serve(config, listener=listener, task_status=task_status)
+                await serve(config, listener=listener, worker=index, task_status=task_status)
                 nursery.cancel_scope.cancel()  # done: stop watching for signals
 
             server = await nursery.start(run)
@@ -173,18 +172,18 @@ def _cmd_config(args: argparse.Namespace) -> int:
 def _admin_request(
     args: argparse.Namespace, method: str, path: str, body: dict | None = None
 ) -> int:
-    """Talk to a running server's admin interface; print its JSON answer."""
+    """Call a running server's operator endpoint; print its JSON answer."""
     import json
 
     import httpx
 
     config = _load(args)
-    url = args.admin or f"http://{config.chaos.host}:{config.chaos.port}"
-    token = config.chaos.admin_token
+    url = args.url or _operator_url(config)
+    token = config.http.operator_token
     if not token:
         print(
-            "chatd: no admin token: set CHATD_ADMIN_TOKEN (or [chaos].admin_token) to the "
-            "server's token",
+            "chatd: no operator token: set CHATD_OPERATOR_TOKEN (or [http].operator_token) to "
+            "the server's token",
             file=sys.stderr,
         )
         return 2
@@ -198,8 +197,8 @@ def _admin_request(
         )
     except httpx.HTTPError as exc:
         print(
-            f"chatd: cannot reach the admin interface at {url}: {exc} "
-            "(is the server running with [chaos].enabled = true?)",
+            f"chatd: cannot reach chatd's operator endpoints at {url}: {exc} "
+            "(is the server running? is --url or [http].operator_listen right?)",
             file=sys.stderr,
         )
         return 1
@@ -212,6 +211,19 @@ def _admin_request(
         return 1
     print(json.dumps(data, indent=2))
     return 0
+
+
+def _operator_url(config: Config) -> str:
+    from chatd.config_checks import operator_address
+
+    if config.http.operator_listen:
+        host, port = operator_address(config.http.operator_listen)
+    else:
+        host, port = config.server.host, config.server.port
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    scheme = "https" if config.server.tls_cert and not config.http.operator_listen else "http"
+    return f"{scheme}://{host}:{port}"
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -259,20 +271,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_migrate)
     p = sub.add_parser("config", help="print the effective configuration")
     p.set_defaults(func=_cmd_config)
-    admin_help = "admin interface URL (default: http://[chaos].host:[chaos].port)"
-    p = sub.add_parser(
-        "status", help="health, outbox lag and counters of a running server (admin interface)"
+    url_help = (
+        "the server's operator endpoints (default: [http].operator_listen, else [server].host:port)"
     )
-    p.add_argument("--admin", help=admin_help)
+    p = sub.add_parser(
+        "status",
+        help="health, outbox lag and counters of a running server (needs the operator token)",
+    )
+    p.add_argument("--url", "--admin", dest="url", help=url_help)
     p.set_defaults(func=_cmd_status)
     p = sub.add_parser(
         "chaos",
         help="break Postgres or Redis on a running server (needs [chaos].enabled)",
         description="Open a chaos gate on a running chatd: while it is open every call to the "
-        "component fails as in an outage (or is delayed, or a fraction fails). The admin "
-        "token comes from CHATD_ADMIN_TOKEN or [chaos].admin_token.",
+        "component fails as in an outage (or is delayed, or a fraction fails). The operator "
+        "token comes from CHATD_OPERATOR_TOKEN or [http].operator_token.",
     )
-    p.add_argument("--admin", help=admin_help)
+    p.add_argument("--url", "--admin", dest="url", help=url_help)
     chaos_sub = p.add_subparsers(dest="action", required=True)
     b = chaos_sub.add_parser("break", help="break a component for some seconds")
     b.add_argument("component", choices=["postgres", "redis"])

@@ -52,9 +52,13 @@ class ServerConfig:
     #: "https://chat.example.com"; the server's own origin always is, clients
     #: that send no Origin (not browsers) always are. "*" allows every origin.
     allowed_origins: tuple[str, ...] = ()
-    #: TLS (wss://): a PEM certificate chain and its key; both or neither.
+    #: TLS (wss:// and https://): a PEM certificate chain and its key; both or neither.
     tls_cert: str = ""
     tls_key: str = ""
+    #: On SIGTERM, /readyz answers 503 for this long while clients are still
+    #: served, so a load balancer stops sending new ones before the drain
+    #: (``shutdown_grace``) begins. 0: drain at once.
+    drain_delay: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -261,18 +265,50 @@ class StreamsConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    """Plain HTTP on the public port (beside WebSocket upgrades), and the operator endpoints."""
+
+    #: Where /metrics, /status and /chaos are served: "" on the public port,
+    #: or "HOST:PORT" (e.g. "127.0.0.1:8766") on a listener of their own;
+    #: with [server].workers = N, worker i listens on PORT + i.
+    operator_listen: str = ""
+    #: Bearer token for /status and /chaos (and /metrics with metrics_auth);
+    #: 16+ characters; prefer CHATD_OPERATOR_TOKEN. Empty: they answer 403.
+    operator_token: str = ""
+    #: /metrics asks for the operator token too.
+    metrics_auth: bool = False
+    #: Plain HTTP connections open at once (WebSocket clients count in [limits]).
+    max_connections: int = 256
+    #: A request's head must arrive within this; an idle keep-alive connection
+    #: is closed after keep_alive.
+    header_timeout: float = 10.0
+    keep_alive: float = 5.0
+    max_body_bytes: int = 65536
+    #: HTTP requests per second per client address, and in a burst; past them
+    #: 429 with Retry-After (0: no limit). Behind a proxy every request comes
+    #: from the proxy's address: raise them (or 0, and limit at the proxy).
+    requests_per_second: float = 20.0
+    request_burst: int = 40
+    #: Postgres and Redis are probed this often for /readyz, each probe bounded
+    #: by probe_timeout: an outage turns /readyz 503 within their sum.
+    readiness_interval: float = 1.0
+    probe_timeout: float = 1.0
+
+
+@dataclass(frozen=True)
 class ChaosConfig:
-    #: The admin interface for `chatd chaos`; off unless enabled.
+    #: The break switch (`chatd chaos`, POST /chaos/...); off unless enabled.
     enabled: bool = False
-    host: str = "127.0.0.1"
-    port: int = 8766
-    #: Required on every admin request; prefer CHATD_ADMIN_TOKEN in the environment.
-    admin_token: str = ""
 
 
 @dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
+    #: "text" (one line per event) or "json" (one JSON object per line).
+    format: str = "text"
+    #: The same message (by its template) is logged at most this often a
+    #: minute per logger; the next line says how many were left out. 0: no limit.
+    repeats_per_minute: int = 20
 
 
 @dataclass(frozen=True)
@@ -288,6 +324,7 @@ class Config:
     embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     streams: StreamsConfig = field(default_factory=StreamsConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     chaos: ChaosConfig = field(default_factory=ChaosConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -303,7 +340,7 @@ ENV_OVERRIDES = {
     "CHATD_POSTGRES_DSN": ("postgres", "dsn"),
     "CHATD_REDIS_URL": ("redis", "url"),
     "CHATD_MODEL_API_KEY": ("model", "api_key"),
-    "CHATD_ADMIN_TOKEN": ("chaos", "admin_token"),
+    "CHATD_OPERATOR_TOKEN": ("http", "operator_token"),
     "CHATD_AUTH_SECRET": ("auth", "secret"),
 }
 
@@ -313,6 +350,9 @@ _MOVED = {
     ("relay", "backoff_min"): "[retry].backoff_min",
     ("relay", "backoff_max"): "[retry].backoff_max",
     ("server", "allow_anonymous"): '[auth].mode ("anonymous" or "jwt")',
+    ("chaos", "host"): '[http].operator_listen ("" serves it on the public port)',
+    ("chaos", "port"): '[http].operator_listen ("" serves it on the public port)',
+    ("chaos", "admin_token"): "[http].operator_token (env CHATD_OPERATOR_TOKEN)",
 }
 
 
@@ -406,4 +446,4 @@ def as_dict(config: Config) -> dict[str, Any]:
 
 
 #: Keys whose values are never printed or logged.
-_SECRETS = (("model", "api_key"), ("chaos", "admin_token"), ("auth", "secret"))
+_SECRETS = (("model", "api_key"), ("http", "operator_token"), ("auth", "secret"))

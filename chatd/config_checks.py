@@ -83,7 +83,7 @@ def validate(config: Config) -> None:
         ),
         (
             config.server.workers == 1 or not config.chaos.enabled,
-            "[chaos].enabled needs [server].workers = 1 (the admin interface is per process)",
+            "[chaos].enabled needs [server].workers = 1 (the break switch is per process)",
         ),
         (config.store.join_loads >= 1, "[store].join_loads must be at least 1"),
         (config.store.page_bytes >= 1024, "[store].page_bytes must be at least 1024"),
@@ -156,14 +156,49 @@ def validate(config: Config) -> None:
         (config.streams.lease >= 0.5, "[streams].lease must be at least 0.5 seconds"),
         (config.streams.takeover_interval > 0, "[streams].takeover_interval must be positive"),
         (bool(config.streams.assistant_user), "[streams].assistant_user must not be empty"),
-        (config.chaos.port <= 65535, "[chaos].port must be 0..65535"),
         (
-            not config.chaos.enabled or len(config.chaos.admin_token) >= 16,
-            "[chaos].admin_token must be set (at least 16 characters) when [chaos].enabled is "
-            "true; prefer the CHATD_ADMIN_TOKEN environment variable",
+            not config.http.operator_token or len(config.http.operator_token) >= 16,
+            "[http].operator_token must be at least 16 characters",
         ),
+        (
+            not config.chaos.enabled or bool(config.http.operator_token),
+            "[chaos].enabled needs [http].operator_token (at least 16 characters; prefer the "
+            "CHATD_OPERATOR_TOKEN environment variable)",
+        ),
+        (
+            not config.http.metrics_auth or bool(config.http.operator_token),
+            "[http].metrics_auth needs [http].operator_token",
+        ),
+        (
+            not config.http.operator_listen or _host_port(config.http.operator_listen) is not None,
+            '[http].operator_listen must be "" or "HOST:PORT" (port 0..65535), e.g. '
+            '"127.0.0.1:8766"',
+        ),
+        (config.http.max_connections >= 1, "[http].max_connections must be at least 1"),
+        (config.http.header_timeout > 0, "[http].header_timeout must be positive"),
+        (config.http.keep_alive > 0, "[http].keep_alive must be positive"),
+        (config.http.max_body_bytes >= 1024, "[http].max_body_bytes must be at least 1024"),
+        (config.http.request_burst >= 1, "[http].request_burst must be at least 1"),
+        (config.http.readiness_interval > 0, "[http].readiness_interval must be positive"),
+        (config.http.probe_timeout > 0, "[http].probe_timeout must be positive"),
         (config.log.level in _LOG_LEVELS, f"[log].level must be one of {', '.join(_LOG_LEVELS)}"),
+        (config.log.format in ("text", "json"), '[log].format must be "text" or "json"'),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+
+
+def _host_port(text: str) -> tuple[str, int] | None:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        return None
+    return host.strip("[]"), int(port)
+
+
+def operator_address(text: str, worker: int = 0) -> tuple[str, int]:
+    """``[http].operator_listen`` as (host, port); worker ``i`` listens on PORT + i."""
+    parsed = _host_port(text)
+    assert parsed is not None, "validated at load"
+    host, port = parsed
+    return host, port + worker if port else 0

@@ -103,7 +103,8 @@ class Log(Protocol):
         ...
 
     async def stats(self) -> dict[str, Any]:
-        """``outbox_rows`` and ``outbox_oldest_s``, for operators."""
+        """``outbox_rows``, ``outbox_oldest_s`` and ``migrations_pending`` (shipped
+        migrations the database lacks), for operators and readiness."""
         ...
 
     # -- replies in flight (leases, checkpoints, takeover) --------------------

@@ -2,18 +2,21 @@
 
 :func:`serve` opens, as async context managers and in this order, the
 asyncio bridge, the Postgres log, the Redis transport and the model; then
-the engine (:func:`chatd.engine.engine.open_engine`); then the WebSocket
-listener, whose connections each run a session. It reports
-``started(server)`` last.
+the engine (:func:`chatd.engine.engine.open_engine`); then the readiness
+probe and the listeners: the public port (WebSocket sessions and plain HTTP,
+:mod:`chatd.http.listener`) and, when configured, the operator's own. It
+reports ``started(server)`` last.
 
 **Stopping.** :meth:`Server.shutdown` (the CLI calls it on SIGTERM/SIGINT)
-is the orderly way, bounded by ``[server].shutdown_grace``: the listener
-stops accepting, the engine drains (every send in flight answered, every
-reply ended, every client closed with 1001), the sessions get the rest of
-the deadline to finish, then the services and the pools stop. Cancelling
-``serve()`` also stops everything within the same deadline: sends in flight
-are then answered ``unavailable`` unless their commit finishes in time.
-Nothing ``serve()`` started outlives it.
+is the orderly way. /readyz turns 503 first and stays so while clients are
+still served for ``[server].drain_delay``, so a load balancer stops sending
+new clients; then new WebSocket upgrades are refused (503) and the drain
+begins, bounded by ``[server].shutdown_grace``: the engine drains (every send
+in flight answered, every reply ended, every client closed with 1001), the
+sessions get the rest of the deadline to finish, then the listeners, the
+services and the pools stop. Cancelling ``serve()`` also stops everything
+within the same deadline: sends in flight are then answered ``unavailable``
+unless their commit finishes in time. Nothing ``serve()`` started outlives it.
 """
 
 from __future__ import annotations
@@ -21,20 +24,25 @@ from __future__ import annotations
 import logging
 import ssl
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import trio
-from trio_websocket import WebSocketRequest, WebSocketServer, serve_websocket
+from trio_websocket import WebSocketRequest
 
 from chatd.adapters.bridge import open_bridge
 from chatd.adapters.keys import open_keys
 from chatd.adapters.postgres import PostgresLog, open_postgres_log
 from chatd.adapters.redis_transport import RedisTransport, open_redis_transport
 from chatd.adapters.websocket import WsConnection, handshake_headers
-from chatd.admin import serve_admin
 from chatd.chaos import Chaos
 from chatd.config import Config, ConfigError, ServerConfig
+from chatd.config_checks import operator_address
 from chatd.engine.engine import Engine, open_engine
+from chatd.http.app import ChatdApp
+from chatd.http.listener import HttpFace, serve_operator, serve_public
+from chatd.http.metrics import registry_for
+from chatd.http.readiness import Readiness
 from chatd.model import open_model
 from chatd.ports import KeySource
 from chatd.shutdown import ShutdownClock
@@ -53,9 +61,14 @@ class Server:
 
     config: Config
     engine: Engine
-    listener: WebSocketServer | None = None
-    #: Port of the admin interface, when ``[chaos].enabled``.
-    admin_port: int | None = None
+    readiness: Readiness
+    http: HttpFace
+    #: The public port (WebSocket and HTTP), once listening.
+    port: int = 0
+    #: The operator listener's port, when ``[http].operator_listen`` is set.
+    operator_port: int | None = None
+    #: False once the drain begins: new WebSocket clients are refused.
+    accepting: bool = True
     _stop: trio.Event = field(default_factory=trio.Event)
 
     @property
@@ -73,14 +86,22 @@ class Server:
         return self.engine.transport
 
     @property
-    def port(self) -> int:
-        assert self.listener is not None
-        return self.listener.port
-
-    @property
     def url(self) -> str:
         scheme = "wss" if self.config.server.tls_cert else "ws"
         return f"{scheme}://{self.config.server.host}:{self.port}/"
+
+    @property
+    def http_url(self) -> str:
+        scheme = "https" if self.config.server.tls_cert else "http"
+        return f"{scheme}://{self.config.server.host}:{self.port}"
+
+    @property
+    def operator_url(self) -> str:
+        """Where /metrics, /status and /chaos are served."""
+        if self.operator_port is None:
+            return self.http_url
+        host, _ = operator_address(self.config.http.operator_listen)
+        return f"http://{host}:{self.operator_port}"
 
     def shutdown(self) -> None:
         """Begin the orderly shutdown; ``serve()`` returns when it is done."""
@@ -92,12 +113,14 @@ async def serve(
     *,
     chaos: Chaos | None = None,
     listener: trio.SocketListener | None = None,
+    worker: int = 0,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run chatd until :meth:`Server.shutdown` or cancellation. ``config`` must carry both DSNs.
 
     ``listener``: accept on this (a worker's inherited socket) instead of
-    opening ``[server].host``/``port``."""
+    opening ``[server].host``/``port``; ``worker``: this worker's index (its
+    operator listener is on ``[http].operator_listen``'s port + index)."""
     if not config.postgres.dsn or not config.redis.url:
         raise ValueError(
             "serve() needs [postgres].dsn and [redis].url (the CLI starts embedded servers)"
@@ -131,24 +154,101 @@ async def serve(
         ) as engine,
         trio.open_nursery() as handlers,
     ):
-        server = Server(config, engine)
+        server = Server(config, engine, Readiness(engine, config.http), HttpFace(config.http))
+        registry = registry_for(server)
         try:
             async with trio.open_nursery() as accept:
-                server.listener = await accept.start(
-                    _listen, server, handlers, ssl_context, listener
+                await accept.start(server.readiness.run)
+                public = await _public_listeners(config.server, listener, ssl_context)
+                server.port = (
+                    public[0].transport_listener.socket.getsockname()[1]
+                    if ssl_context
+                    else public[0].socket.getsockname()[1]
                 )
-                if config.chaos.enabled:
-                    server.admin_port = await accept.start(serve_admin, server)
-                log.info("chatd listening on %s", server.url)
+                await accept.start(
+                    partial(
+                        serve_public,
+                        public,
+                        handlers,
+                        server.http,
+                        ChatdApp(server, registry, operator=not config.http.operator_listen),
+                        partial(_session, server),
+                        max_message_size=config.server.max_frame_bytes,
+                        connect_timeout=_CONNECT_TIMEOUT,
+                        disconnect_timeout=_DISCONNECT_TIMEOUT,
+                    )
+                )
+                if config.http.operator_listen:
+                    host, port = operator_address(config.http.operator_listen, worker)
+                    ops = await trio.open_tcp_listeners(port, host=host)
+                    server.operator_port = ops[0].socket.getsockname()[1]
+                    operator_app = ChatdApp(server, registry, operator=True)
+                    await accept.start(serve_operator, ops, handlers, server.http, operator_app)
+                log.info(
+                    "chatd listening on %s (operator endpoints on %s)",
+                    server.url,
+                    server.operator_url,
+                )
                 task_status.started(server)
                 await server._stop.wait()
+                await _drain(server, shutdown)
                 accept.cancel_scope.cancel()
         finally:
+            server.readiness.draining = True
             shutdown.begin()
-        log.info("shutting down: draining %d connection(s)", len(engine.sessions))
-        await engine.drain()
         # What the sessions do not finish by the deadline is cut (hypercorn's graceful_timeout).
         handlers.cancel_scope.deadline = shutdown.deadline_of("close")
+
+
+async def _drain(server: Server, shutdown: ShutdownClock) -> None:
+    """Readiness fails first; after ``drain_delay`` new clients are refused and the engine drains."""
+    server.readiness.draining = True
+    delay = server.config.server.drain_delay
+    if delay:
+        log.info("shutting down: /readyz answers 503; draining in %gs", delay)
+        await trio.sleep(delay)
+    server.accepting = False
+    shutdown.begin()
+    log.info("shutting down: draining %d connection(s)", len(server.engine.sessions))
+    await server.engine.drain()
+    await server.http.close_idle()
+
+
+async def _public_listeners(
+    cfg: ServerConfig, inherited: trio.SocketListener | None, ssl_context: ssl.SSLContext | None
+) -> list[Any]:
+    listeners: list[Any] = [inherited] if inherited else await _open_tcp(cfg)
+    if ssl_context is not None:
+        listeners = [trio.SSLListener(li, ssl_context, https_compatible=True) for li in listeners]
+    return listeners
+
+
+async def _open_tcp(cfg: ServerConfig) -> list[trio.SocketListener]:
+    try:
+        return await trio.open_tcp_listeners(cfg.port, host=cfg.host)
+    except OSError as exc:
+        raise ConfigError(
+            f"[server].host/port: cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}"
+        ) from None
+
+
+async def _session(server: Server, request: WebSocketRequest) -> None:
+    """One WebSocket client, from its accepted handshake to its session's end."""
+    gate = server.engine.gate
+    address, origin, host = handshake_headers(request)
+    if not server.accepting:
+        await request.reject(503, body=b"the server is shutting down: reconnect to another")
+        return
+    refusal = gate.admit(address, origin, host)
+    if refusal is not None:
+        server.engine.refusals.refuse("handshake", str(address), refusal)
+        await request.reject(403 if "origin" in refusal else 503, body=refusal.encode())
+        return
+    try:
+        ws = await request.accept()
+        await server.engine.run_session(WsConnection(ws))
+    finally:
+        gate.release(address)
 
 
 def _tls(cfg: ServerConfig) -> ssl.SSLContext | None:
@@ -167,54 +267,3 @@ def _verifier(config: Config, keys: KeySource) -> TokenVerifier | None:
     if config.auth.mode != "jwt":
         return None
     return TokenVerifier(config.auth, keys, (config.streams.assistant_user,))
-
-
-async def _listen(
-    server: Server,
-    handlers: trio.Nursery,
-    ssl_context: ssl.SSLContext | None,
-    listener: trio.SocketListener | None,
-    *,
-    task_status: trio.TaskStatus[WebSocketServer] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    cfg = server.config.server
-    gate = server.engine.gate
-
-    async def handle(request: WebSocketRequest) -> None:
-        address, origin, host = handshake_headers(request)
-        refusal = gate.admit(address, origin, host)
-        if refusal is not None:
-            server.engine.refusals.refuse("handshake", str(address), refusal)
-            await request.reject(403 if "origin" in refusal else 503, body=refusal.encode())
-            return
-        try:
-            ws = await request.accept()
-            await server.engine.run_session(WsConnection(ws))
-        finally:
-            gate.release(address)
-
-    if listener is not None:
-        listeners: list[Any] = [listener]
-        if ssl_context is not None:
-            listeners = [trio.SSLListener(listener, ssl_context, https_compatible=False)]
-        ws_server = WebSocketServer(
-            handle,
-            listeners,
-            handler_nursery=handlers,
-            max_message_size=cfg.max_frame_bytes,
-            connect_timeout=_CONNECT_TIMEOUT,
-            disconnect_timeout=_DISCONNECT_TIMEOUT,
-        )
-        await ws_server.run(task_status=task_status)
-        return
-    await serve_websocket(
-        handle,
-        cfg.host,
-        cfg.port,
-        ssl_context=ssl_context,
-        handler_nursery=handlers,
-        max_message_size=cfg.max_frame_bytes,
-        connect_timeout=_CONNECT_TIMEOUT,
-        disconnect_timeout=_DISCONNECT_TIMEOUT,
-        task_status=task_status,
-    )

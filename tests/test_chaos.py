@@ -1,4 +1,4 @@
-"""The break switch: chaos gates on Trio's clock, its modes, and the admin interface."""
+"""The break switch: chaos gates on Trio's clock, its modes, and the operator endpoints."""
 
 from __future__ import annotations
 
@@ -69,12 +69,18 @@ async def test_latency_mode_slows_calls_through_the_gateway(server):
     server.chaos.heal()
 
 
-async def test_admin_interface_is_off_by_default(server):
-    assert server.admin_port is None
+async def test_break_switch_is_off_by_default(server):
+    import httpx
+
+    async with httpx.AsyncClient(base_url=server.http_url) as http:
+        # No operator token configured: the operator API answers 403, nothing breaks.
+        r = await http.post("/chaos/break", json={"component": "redis", "seconds": 5})
+        assert r.status_code == 403 and "operator_token" in r.json()["error"]
+    assert server.chaos.remaining("redis") == 0
 
 
 async def _chatd(*args: str, token: str = TOKEN) -> tuple[int, str, str]:
-    env = {**os.environ, "CHATD_ADMIN_TOKEN": token}
+    env = {**os.environ, "CHATD_OPERATOR_TOKEN": token}
     proc = await trio.run_process(
         [sys.executable, "-m", "chatd.cli", *args],
         env=env,
@@ -89,10 +95,14 @@ async def test_chatd_chaos_cli_breaks_and_heals_a_running_server(
     nursery, postgres, redis_server, connect, conv
 ):
     cfg = make_config(
-        postgres, redis_server, chaos={"enabled": True, "port": 0, "admin_token": TOKEN}
+        postgres,
+        redis_server,
+        chaos={"enabled": True},
+        http={"operator_listen": "127.0.0.1:0", "operator_token": TOKEN},
     )
     srv = await nursery.start(serve, cfg)
-    admin = f"http://127.0.0.1:{srv.admin_port}"
+    admin = srv.operator_url
+    assert srv.operator_port and srv.operator_port != srv.port
     rc, out, err = await _chatd("chaos", "--admin", admin, "break", "postgres", "--for", "30")
     assert rc == 0, err
     assert json.loads(out)["postgres"]["broken"] is True
@@ -132,9 +142,9 @@ async def test_chatd_chaos_cli_breaks_and_heals_a_running_server(
 
 async def test_chaos_cli_without_a_server_says_what_is_wrong():
     rc, _, err = await _chatd("chaos", "--admin", "http://127.0.0.1:9", "status")
-    assert rc == 1 and "cannot reach the admin interface" in err
+    assert rc == 1 and "cannot reach chatd's operator endpoints" in err
     rc, _, err = await _chatd("chaos", "status", token="")
-    assert rc == 2 and "CHATD_ADMIN_TOKEN" in err
+    assert rc == 2 and "CHATD_OPERATOR_TOKEN" in err
 
 
 async def test_subscribe_refused_while_postgres_is_down_can_be_retried(server, connect, conv):

@@ -24,7 +24,15 @@ def test_shipped_config_toml_lists_exactly_the_defaults():
         ({"streams": {"max_streams": 0}}, "[streams].max_streams"),
         ({"model": {"backend": "gpt"}}, "[model].backend"),
         ({"model": {"backend": "openai"}}, "[model].model"),
-        ({"chaos": {"enabled": True}}, "[chaos].admin_token"),
+        ({"chaos": {"enabled": True}}, "[http].operator_token"),
+        ({"chaos": {"admin_token": "t" * 32}}, "[http].operator_token"),
+        ({"chaos": {"port": 8766}}, "[http].operator_listen"),
+        ({"http": {"operator_token": "short"}}, "[http].operator_token"),
+        ({"http": {"operator_listen": "8766"}}, "[http].operator_listen"),
+        ({"http": {"operator_listen": "127.0.0.1:99999"}}, "[http].operator_listen"),
+        ({"http": {"metrics_auth": True}}, "[http].metrics_auth"),
+        ({"http": {"max_connections": 0}}, "[http].max_connections"),
+        ({"log": {"format": "xml"}}, "[log].format"),
         ({"relay": {"poll_interval": -1}}, "[relay].poll_interval"),
         ({"relay": {"backoff_max": 1}}, "[retry].backoff_max"),
         ({"server": {"allow_anonymous": True}}, "[auth].mode"),
@@ -38,7 +46,11 @@ def test_shipped_config_toml_lists_exactly_the_defaults():
         ({"server": {"gc_thresholds": ["700", 10, 10]}}, "[server].gc_thresholds"),
         ({"server": {"workers": 0}}, "[server].workers"),
         (
-            {"server": {"workers": 2}, "chaos": {"enabled": True, "admin_token": "t" * 32}},
+            {
+                "server": {"workers": 2},
+                "chaos": {"enabled": True},
+                "http": {"operator_token": "t" * 32},
+            },
             "[chaos]",
         ),
         ({"postgres": {"reads_in_flight": 10}}, "[postgres].reads_in_flight"),
@@ -57,7 +69,7 @@ def test_environment_overrides_and_secrets_are_masked():
         {
             "CHATD_POSTGRES_DSN": "postgresql://x@h/db",
             "CHATD_MODEL_API_KEY": "sk-secret",
-            "CHATD_ADMIN_TOKEN": "t" * 20,
+            "CHATD_OPERATOR_TOKEN": "t" * 20,
             "CHATD_AUTH_SECRET": "s" * 40,
         },
     )
@@ -65,5 +77,5 @@ def test_environment_overrides_and_secrets_are_masked():
     assert cfg.postgres.dsn == "postgresql://x@h/db"
     assert cfg.model.api_key == "sk-secret"
     shown = as_dict(cfg)
-    assert shown["model"]["api_key"] == "***" and shown["chaos"]["admin_token"] == "***"
+    assert shown["model"]["api_key"] == "***" and shown["http"]["operator_token"] == "***"
     assert shown["auth"]["secret"] == "***"

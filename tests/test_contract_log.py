@@ -162,6 +162,7 @@ async def test_claims_respect_min_age_and_commits_delete_what_was_published(logs
     await log.commit([], [events[0].id], False)
     stats = await log.stats()
     assert stats["outbox_rows"] == 1 and stats["outbox_oldest_s"] >= 0
+    assert stats["migrations_pending"] == 0
 
 
 async def test_notify_wakes_the_other_relays(logs):

@@ -363,4 +363,9 @@ class MemoryLog:
     def _stats(self) -> dict[str, Any]:
         oldest = min((r.created_at for r in self.db.outbox.values()), default=None)
         age = 0.0 if oldest is None else trio.current_time() - oldest
-        return {"outbox_rows": len(self.db.outbox), "outbox_oldest_s": round(age, 3)}
+        # Nothing to migrate in memory.
+        return {
+            "outbox_rows": len(self.db.outbox),
+            "outbox_oldest_s": round(age, 3),
+            "migrations_pending": 0,
+        }

@@ -9,6 +9,7 @@ from typing import Any
 
 import asyncpg
 
+from chatd.adapters import schema
 from chatd.records import OutboxEvent
 
 NOTIFY_CHANNEL = "chatd_outbox"
@@ -20,7 +21,13 @@ async def aio_stats(pool: asyncpg.Pool) -> dict[str, Any]:
         "coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest "
         "FROM outbox"
     )
-    return {"outbox_rows": row["outbox"], "outbox_oldest_s": round(row["oldest"], 3)}
+    applied = await pool.fetchval("SELECT array_agg(version) FROM chatd_schema_migrations")
+    pending = {m.version for m in schema.available()} - set(applied or ())
+    return {
+        "outbox_rows": row["outbox"],
+        "outbox_oldest_s": round(row["oldest"], 3),
+        "migrations_pending": len(pending),
+    }
 
 
 async def aio_notify(pool: asyncpg.Pool) -> None:

@@ -91,8 +91,11 @@ def handshake_headers(request: WebSocketRequest) -> tuple[str, str | None, str |
     trio-websocket lists every header but ``Host``, which wsproto keeps on its
     request event (pinned internals again).
     """
+    stream = getattr(getattr(request, "_connection", None), "_stream", None)
     remote = request.remote
-    address = str(getattr(remote, "address", remote))
+    # On chatd's shared port the stream is chatd.http.sniff.Prefaced, which
+    # trio-websocket cannot see through: it names the peer itself.
+    address = getattr(stream, "peer_host", None) or str(getattr(remote, "address", remote))
     origin = None
     for key, value in request.headers:
         if key.lower() == b"origin":
@@ -113,7 +116,7 @@ class WsConnection:
     def __init__(self, ws: WebSocketConnection) -> None:
         self.ws = ws
         remote = ws.remote
-        self.remote = (
+        self.remote = getattr(getattr(ws, "_stream", None), "peer", None) or (
             f"{remote.address}:{remote.port}" if hasattr(remote, "address") else str(remote)
         )
         self._fast = FAST_PATH and has_internals(ws)

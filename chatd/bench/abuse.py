@@ -10,7 +10,11 @@ thing as hard as they can:
 * ``reply flood``: sends asking for replies (``too_many_replies``);
 * ``history flood``: history pages (the read rate limit);
 * ``garbage``: frames that are not JSON;
-* ``connection flood``: new connections until refused (per-address limit).
+* ``connection flood``: new connections until refused (per-address limit);
+* ``http flood``: HTTP requests on the same port, as fast as each keep-alive
+  connection allows (the per-address request budget answers 429);
+* ``slow heads``: 500 connections that send half a request head and stall
+  (each is closed at ``[http].header_timeout``).
 
 The table gives the bystander's ping and ack p50/p99 per phase beside the
 quiet phase, and how many of the abusers' requests were refused.
@@ -39,6 +43,8 @@ _PHASES = (
     "history flood",
     "garbage",
     "connection flood",
+    "http flood",
+    "slow heads",
 )
 
 
@@ -130,6 +136,48 @@ async def _connection_flood(url: str, stop: float, counts: dict[str, int]) -> No
                 await ws.aclose()
 
 
+async def _http_flood(url: str, k: int, stop: float, counts: dict[str, int]) -> None:
+    import httpx
+    import trio
+
+    base = url.replace("ws://", "http://").rstrip("/")
+    path = "/metrics" if k % 2 else "/readyz"
+    async with httpx.AsyncClient(base_url=base, timeout=5.0) as http:
+        while trio.current_time() < stop:
+            try:
+                r = await http.get(path)
+            except httpx.HTTPError:
+                counts["refused"] += 1
+                await trio.sleep(0.01)
+                continue
+            counts["sent"] += 1
+            if r.status_code in (429, 503):
+                counts["refused"] += 1
+
+
+async def _slow_heads(url: str, stop: float, counts: dict[str, int]) -> None:
+    import trio
+
+    host, port = url.split("//", 1)[1].rstrip("/").rsplit(":", 1)
+
+    async def stall() -> None:
+        try:
+            stream = await trio.open_tcp_stream(host, int(port))
+        except OSError:
+            counts["refused"] += 1
+            return
+        counts["sent"] += 1
+        async with stream:
+            await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n")  # and never the end
+            with trio.move_on_at(stop):
+                if not await stream.receive_some(1024):
+                    counts["refused"] += 1  # closed by the server
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(500):
+            nursery.start_soon(stall)
+
+
 async def _bystander(url: str, stop: float) -> dict[str, list[float]]:
     import trio
     from trio_websocket import open_websocket_url
@@ -184,6 +232,11 @@ async def _abuse(url: str, phase: str, seconds: float, abusers: int) -> dict[str
     async with trio.open_nursery() as nursery:
         if phase == "connection flood":
             nursery.start_soon(_connection_flood, url, stop, counts)
+        elif phase == "slow heads":
+            nursery.start_soon(_slow_heads, url, stop, counts)
+        elif phase == "http flood":
+            for k in range(abusers):
+                nursery.start_soon(_http_flood, url, k, stop, counts)
         else:
             for k in range(abusers):
                 nursery.start_soon(_abuser, url, phase, k, stop, counts)

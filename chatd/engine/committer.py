@@ -34,6 +34,7 @@ import trio
 
 from chatd.config import StoreConfig
 from chatd.errors import StoreError, StoreUnavailable
+from chatd.histogram import BATCH_SIZES, Histogram
 from chatd.ports import Log
 from chatd.records import Committed, NewMessage, OutboxEvent, Outcome
 from chatd.shutdown import ShutdownClock
@@ -88,6 +89,8 @@ class Committer:
         #: rows were left to the relay's sweep because its queue was full.
         self.committed = 0
         self.batches = 0
+        #: Messages per commit transaction, for the metrics.
+        self.batch_sizes = Histogram(BATCH_SIZES)
         self.isolated = 0
         self.publish_overflows = 0
 
@@ -254,6 +257,7 @@ class Committer:
         self._hand_over(events)
         if batch:
             self.batches += 1
+            self.batch_sizes.observe(len(batch))
         for p, result in zip(batch, results, strict=True):
             if not result.duplicate:
                 self.committed += 1

@@ -61,6 +61,8 @@ class Counters:
     gap_fills: int = 0
     stream_fills: int = 0
     resyncs: int = 0
+    #: Delta frames handed to clients (one per viewer per delta).
+    deltas_delivered: int = 0
 
 
 @dataclass

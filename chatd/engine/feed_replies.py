@@ -101,6 +101,7 @@ class ReplyFrames:
             )
             if sub.client.deliver(text):
                 sub.streams[ev.stream] = end
+                feed.counters.deltas_delivered += 1
             else:
                 feed.drop(sub)
         if gapped:

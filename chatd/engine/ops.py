@@ -42,6 +42,8 @@ class SendTag:
     ref: Any
     wants_reply: bool
     prompt: str
+    #: When the send arrived (Trio's clock): its answer's latency is measured from here.
+    received: float
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,9 @@ async def op_send(s: Session, req: Request, nursery: trio.Nursery) -> None:
     await s.acquire_send_slot()
     text = req["text"]
     msg = NewMessage(conv, client_id, identity.user, text)
-    await s.services.committer.submit(msg, SendTag(req.ref, req["reply"], text), s)
+    await s.services.committer.submit(
+        msg, SendTag(req.ref, req["reply"], text, trio.current_time()), s
+    )
 
 
 async def op_stop(s: Session, req: Request, nursery: trio.Nursery) -> None:

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections import deque
-from dataclasses import dataclass
+from collections import Counter, deque
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -39,6 +39,7 @@ from chatd.config import LimitsConfig, ServerConfig
 from chatd.engine import answers
 from chatd.engine.ops import OPS, SendTag, Services
 from chatd.errors import Unavailable
+from chatd.histogram import ACK_SECONDS, Histogram
 from chatd.identity import Identity
 from chatd.limits import TokenBucket
 from chatd.ports import Connection, ConnectionGone
@@ -50,6 +51,7 @@ from chatd.protocol import (
     CLOSE_TOKEN_EXPIRED,
     Limits,
     ProtocolError,
+    Request,
     encode,
     error_frame,
     parse,
@@ -80,6 +82,11 @@ class SessionCounters:
     crashed: int = 0
     #: Times a client over its frame budget was not read from for a while.
     throttled: int = 0
+    #: Client ops by (op, result): "ok" or the error code they were answered with.
+    #: A send's result is its answer's: ok, duplicate, unavailable or internal.
+    ops: Counter[tuple[str, str]] = field(default_factory=Counter)
+    #: Seconds from a send's arrival to its answer.
+    ack_seconds: Histogram = field(default_factory=lambda: Histogram(ACK_SECONDS))
 
 
 class Session:
@@ -348,6 +355,7 @@ class Session:
             self._counters.throttled += 1
             await trio.sleep(wait)
         ref = None
+        req: Request | None = None
         try:
             req = parse(data, self.limits)
             ref = req.ref
@@ -363,13 +371,17 @@ class Session:
             if not self.user and req.op != "hello":
                 raise ProtocolError("not_authenticated", "send hello first", ref)
             await ops[req.op](self, req, nursery)
+            if req.op != "send":  # a send is counted when it is answered
+                self._counters.ops[req.op, "ok"] += 1
         except ProtocolError as exc:
+            self._counters.ops[req.op if req is not None else "-", exc.code] += 1
             self.services.refusals.refuse(
                 exc.code, f"{self.user or '-'}@{self.conn.remote}", exc.message
             )
             frame = error_frame(exc.code, exc.message, **exc.extra)
             self.reply(frame, exc.ref if exc.ref is not None else ref)
         except Unavailable as exc:
+            self._counters.ops[req.op if req is not None else "-", "unavailable"] += 1
             self.reply(error_frame("unavailable", exc.message, retryable=True), ref)
 
     # -- sends and their answers ------------------------------------------------
@@ -387,6 +399,7 @@ class Session:
         self._inflight.release()
         if self._answered is not None:
             self._answered.set()
+        self._count_answer(outcome)
         if answers.starts_reply(outcome):
             if not last:
                 return True
@@ -397,6 +410,17 @@ class Session:
         for frame in frames:
             self.reply(frame, answers.ref_of(outcome))
         return False
+
+    def _count_answer(self, outcome: Outcome) -> None:
+        result = outcome.result
+        if isinstance(result, Unavailable):
+            kind = "unavailable"
+        elif isinstance(result, Exception):
+            kind = "internal"
+        else:
+            kind = "duplicate" if result.duplicate else "ok"
+        self._counters.ops["send", kind] += 1
+        self._counters.ack_seconds.observe(trio.current_time() - outcome.tag.received)
 
     async def _start_reply(self, outcome: Outcome) -> None:
         tag: SendTag = outcome.tag

@@ -1,0 +1,187 @@
+"""The listeners: WebSocket and plain HTTP on the public port, and the operator's own.
+
+Each accepted connection on the public port has its first request head read
+(:mod:`chatd.http.sniff`, bounded by ``[http].header_timeout``); a WebSocket
+upgrade is handed to trio-websocket through :class:`_Handoff`, a listener
+that trio-websocket accepts from, and anything else is served by hypercorn's
+Trio connection handler with chatd's ASGI app. Both run their connections in
+the ``handlers`` nursery that ``serve()`` owns and cuts at the shutdown's
+deadline. Plain HTTP connections are capped (``[http].max_connections``);
+past the cap one is answered 503 and closed.
+
+hypercorn's ``TCPServer`` is its per-connection handler (what its own
+``worker_serve`` runs for each accepted stream); chatd drives it directly
+because the accept loop must be chatd's own to share the port.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
+
+import trio
+from hypercorn.app_wrappers import ASGIWrapper
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from trio_websocket import WebSocketRequest, WebSocketServer
+
+from chatd.config import HttpConfig
+from chatd.http.sniff import Prefaced, plain_response, sniff
+
+log = logging.getLogger("chatd.http")
+
+#: The largest request head accepted (hypercorn's own default).
+_HEAD_LIMIT = 16 * 1024
+_REFUSAL_WRITE = 2.0
+_ACCEPT_CAPACITY = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+class _Handoff(trio.abc.Listener[Prefaced]):
+    """What trio-websocket accepts from: the connections sniffed as WebSocket upgrades."""
+
+    def __init__(self, receive: trio.MemoryReceiveChannel[Prefaced]) -> None:
+        self._receive = receive
+
+    async def accept(self) -> Prefaced:
+        try:
+            return await self._receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise trio.ClosedResourceError("the public listener is closed") from None
+
+    async def aclose(self) -> None:
+        await self._receive.aclose()
+
+
+class HttpFace:
+    """hypercorn's per-connection handler, with chatd's limits and shutdown."""
+
+    def __init__(self, cfg: HttpConfig) -> None:
+        self.cfg = cfg
+        hc = HypercornConfig()
+        hc.keep_alive_timeout = cfg.keep_alive
+        hc.read_timeout = math.ceil(cfg.header_timeout)
+        hc.h11_max_incomplete_size = _HEAD_LIMIT
+        hc.include_server_header = False
+        hc.accesslog = None
+        hc.errorlog = logging.getLogger("chatd.http.hypercorn")
+        self._hconfig = hc
+        self._context = WorkerContext(None)
+        #: Plain HTTP connections open now, and refused at the cap since start.
+        self.open = 0
+        self.refused = 0
+
+    async def serve(self, app: Callable[..., Awaitable[None]], stream: Any) -> None:
+        """Serve one connection's HTTP requests until it closes (keep-alive included)."""
+        if self.open >= self.cfg.max_connections:
+            self.refused += 1
+            await _refuse(stream, 503, b"Service Unavailable", b"too many HTTP connections\n")
+            return
+        self.open += 1
+        try:
+            await TCPServer(ASGIWrapper(app), self._hconfig, self._context, {}, stream).run()
+        finally:
+            self.open -= 1
+
+    async def close_idle(self) -> None:
+        """Shutdown: idle keep-alive connections close now, busy ones after their response."""
+        await self._context.terminated.set()
+
+
+async def serve_public(
+    listeners: list[trio.abc.Listener[Any]],
+    handlers: trio.Nursery,
+    face: HttpFace,
+    app: Callable[..., Awaitable[None]],
+    ws_handler: Callable[[WebSocketRequest], Awaitable[None]],
+    *,
+    max_message_size: int,
+    connect_timeout: float,
+    disconnect_timeout: float,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept on ``listeners`` until cancelled: WebSocket upgrades and plain HTTP."""
+    send, receive = trio.open_memory_channel[Prefaced](0)
+    ws_server = WebSocketServer(
+        ws_handler,
+        [_Handoff(receive)],
+        handler_nursery=handlers,
+        max_message_size=max_message_size,
+        connect_timeout=connect_timeout,
+        disconnect_timeout=disconnect_timeout,
+    )
+
+    async def dispatch(stream: trio.abc.Stream) -> None:
+        sniffed = None
+        try:
+            with trio.move_on_after(face.cfg.header_timeout):
+                sniffed = await sniff(stream, _HEAD_LIMIT)
+            if sniffed is not None and sniffed.kind == "websocket":
+                await send.send(sniffed.stream)  # trio-websocket owns it from here
+                return
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        if sniffed is None:  # gone, or no request head in time
+            await trio.aclose_forcefully(stream)
+        else:
+            await face.serve(app, sniffed.stream)  # hypercorn closes it
+
+    async with send, trio.open_nursery() as nursery:
+        await nursery.start(ws_server.run)
+        for listener in listeners:
+            nursery.start_soon(_accept, listener, handlers, dispatch)
+        task_status.started()
+
+
+async def _accept(
+    listener: trio.abc.Listener[Any],
+    handlers: trio.Nursery,
+    dispatch: Callable[[trio.abc.Stream], Awaitable[None]],
+) -> None:
+    """Accept until cancelled, each connection in a task of ``handlers``.
+
+    Not ``trio.serve_listeners``: it closes a stream when its handler returns,
+    and a WebSocket connection outlives the task that sniffed it (its session
+    must still answer sends in flight when the server is cancelled).
+    """
+    async with listener:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_CAPACITY:
+                    raise
+                # Out of file descriptors or memory: the clients holding them
+                # must leave first; wait rather than spin (as trio's own loop does).
+                log.error("accept failed (%s): pausing 100 ms", exc.strerror)
+                await trio.sleep(0.1)
+                continue
+            handlers.start_soon(dispatch, stream)
+
+
+async def serve_operator(
+    listeners: list[trio.abc.Listener[Any]],
+    handlers: trio.Nursery,
+    face: HttpFace,
+    app: Callable[..., Awaitable[None]],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The operator's own listener: plain HTTP only."""
+    await trio.serve_listeners(
+        partial(face.serve, app), listeners, handler_nursery=handlers, task_status=task_status
+    )
+
+
+async def _refuse(stream: Any, status: int, reason: bytes, body: bytes) -> None:
+    with trio.move_on_after(_REFUSAL_WRITE):
+        try:
+            await stream.send_all(plain_response(status, reason, body))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+    await trio.aclose_forcefully(stream)
