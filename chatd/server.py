@@ -34,7 +34,7 @@ from chatd.adapters.bridge import open_bridge
 from chatd.adapters.keys import open_keys
 from chatd.adapters.postgres import PostgresLog, open_postgres_log
 from chatd.adapters.redis_transport import RedisTransport, open_redis_transport
-from chatd.adapters.websocket import WsConnection, handshake_headers
+from chatd.adapters.websocket import WsAcceptor, WsConnection, handshake_headers
 from chatd.chaos import Chaos
 from chatd.config import Config, ConfigError, ServerConfig
 from chatd.config_checks import operator_address
@@ -172,10 +172,13 @@ async def serve(
                         handlers,
                         server.http,
                         ChatdApp(server, registry, operator=not config.http.operator_listen),
-                        partial(_session, server),
-                        max_message_size=config.server.max_frame_bytes,
-                        connect_timeout=_CONNECT_TIMEOUT,
-                        disconnect_timeout=_DISCONNECT_TIMEOUT,
+                        WsAcceptor(
+                            partial(_session, server),
+                            handler_nursery=handlers,
+                            max_message_size=config.server.max_frame_bytes,
+                            connect_timeout=_CONNECT_TIMEOUT,
+                            disconnect_timeout=_DISCONNECT_TIMEOUT,
+                        ),
                     )
                 )
                 if config.http.operator_listen:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from pathlib import Path
 
 import httpx
 import pytest
@@ -17,6 +18,7 @@ from tests.chatd_process import start_chatd
 from tests.conftest import make_config, wait_until
 
 TOKEN = "operator-token-0123456789"
+_DOCS = Path(__file__).resolve().parent.parent / "docs"
 # Fast probes; no request budget (the tests poll /readyz and /metrics hard).
 _FAST_PROBES = {"readiness_interval": 0.2, "probe_timeout": 0.5, "requests_per_second": 0.0}
 
@@ -295,7 +297,6 @@ async def test_http_connections_are_capped(nursery, postgres, redis_server, conn
 async def test_dashboard_and_docs_name_only_metrics_that_exist(nursery, postgres, redis_server):
     """docs/grafana-dashboard.json and docs/operations.md stay true to a real scrape."""
     import re
-    from pathlib import Path
 
     srv = await nursery.start(serve, _config(postgres, redis_server))
     async with httpx.AsyncClient(base_url=srv.http_url) as http:
@@ -305,7 +306,7 @@ async def test_dashboard_and_docs_name_only_metrics_that_exist(nursery, postgres
         # Families with no sample yet (no labelled event happened) still list.
         scraped.add(f"{family.name}_total" if family.type == "counter" else family.name)
         scraped |= {s.name for s in family.samples}
-    docs = Path(__file__).resolve().parent.parent / "docs"
+    docs = _DOCS
     dashboard = (docs / "grafana-dashboard.json").read_text()
     json.loads(dashboard)  # valid JSON
     named = set(re.findall(r"\b((?:chatd|process)_[a-z_]+)\b", dashboard))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import trio
 import trio_websocket
-from trio_websocket import open_websocket_url, serve_websocket
+from trio_websocket import WebSocketServer, open_websocket_url, serve_websocket
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import TextMessage
 
@@ -22,6 +22,8 @@ def test_the_pinned_trio_websocket_is_installed():
         f"found {trio_websocket.__version__}: check its internals, then move the pin"
     )
     assert FAST_PATH
+    # chatd's own accept loop hands each stream to this (chatd/http/listener.py).
+    assert hasattr(WebSocketServer, "_handle_connection")
 
 
 @pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70000])

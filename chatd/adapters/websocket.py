@@ -19,10 +19,11 @@ frames go through the public ``send_message``, slower but correct;
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import trio
 import trio_websocket
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, WebSocketServer
 from wsproto.connection import ConnectionState
 from wsproto.events import TextMessage
 
@@ -83,6 +84,33 @@ async def _write_frames(ws: WebSocketConnection, frames: list[str]) -> None:
         raise ConnectionClosed(ws._close_reason) from None
     finally:
         lock.release()
+
+
+class _NoListener(trio.abc.Listener[trio.abc.Stream]):
+    """trio-websocket's server wants a listener; chatd's own accept loop feeds it instead."""
+
+    async def accept(self) -> trio.abc.Stream:  # pragma: no cover - never run
+        raise trio.ClosedResourceError("chatd accepts connections itself")
+
+    async def aclose(self) -> None:  # pragma: no cover - never run
+        pass
+
+
+class WsAcceptor:
+    """Serves one already-accepted stream as a WebSocket connection, in the caller's task.
+
+    trio-websocket serves only the listeners it accepts from; chatd shares
+    its port with HTTP, so it accepts, reads the request head, and hands the
+    stream here. ``_handle_connection`` is what trio-websocket's accept loop
+    runs per connection (pinned internals, like the rest of this module);
+    calling it directly costs no extra task or hand-off per handshake.
+    """
+
+    def __init__(self, handler: Any, **options: Any) -> None:
+        self._server = WebSocketServer(handler, [_NoListener()], **options)
+
+    async def serve(self, stream: trio.abc.Stream) -> None:
+        await self._server._handle_connection(stream)
 
 
 def handshake_headers(request: WebSocketRequest) -> tuple[str, str | None, str | None]:

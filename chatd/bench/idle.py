@@ -62,6 +62,7 @@ async def _idle(url: str, args: argparse.Namespace, pid: int) -> dict[str, Any]:
             await sub.wait()
         await trio.sleep(1.0)
         rss2 = rss_mb(pid)
+        scrape = await _scrape_ms(url)
         done.set()
     subs = args.clients * args.subs
     return {
@@ -73,7 +74,25 @@ async def _idle(url: str, args: argparse.Namespace, pid: int) -> dict[str, Any]:
         "rss_subscribed_mb": rss2,
         "kb_per_connection": (rss1 - rss0) * 1024 / args.clients,
         "kb_per_subscription": (rss2 - rss1) * 1024 / subs if subs else float("nan"),
+        "metrics_scrape_ms": scrape,
     }
+
+
+async def _scrape_ms(url: str, n: int = 20) -> dict[str, float]:
+    """GET /metrics ``n`` times, one after another: the server's cost of a scrape."""
+    import httpx
+    import trio
+
+    times = []
+    async with httpx.AsyncClient(base_url=url.replace("ws://", "http://").rstrip("/")) as http:
+        for _ in range(n):
+            t0 = trio.current_time()
+            r = await http.get("/metrics")
+            times.append((trio.current_time() - t0) * 1000)
+            r.raise_for_status()
+            await trio.sleep(0.05)  # within the default request budget (20/s)
+    times.sort()
+    return {"p50": times[n // 2], "max": times[-1], "bytes": len(r.content)}
 
 
 def run(config: Config, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -99,4 +118,9 @@ def run(config: Config, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     print(f"{results['rss_subscribed_mb']:.0f} MiB")
     print(f"{'memory per connection (1 sub)':<34}{results['kb_per_connection']:>8.1f} KiB")
     print(f"{'memory per further subscription':<34}{results['kb_per_subscription']:>8.1f} KiB")
+    m = results["metrics_scrape_ms"]
+    print(
+        f"{'GET /metrics (p50 / max of 20)':<34}{m['p50']:>8.1f} / {m['max']:.1f} ms, "
+        f"{m['bytes']} bytes"
+    )
     return results

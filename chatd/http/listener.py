@@ -2,8 +2,8 @@
 
 Each accepted connection on the public port has its first request head read
 (:mod:`chatd.http.sniff`, bounded by ``[http].header_timeout``); a WebSocket
-upgrade is handed to trio-websocket through :class:`_Handoff`, a listener
-that trio-websocket accepts from, and anything else is served by hypercorn's
+upgrade is served by trio-websocket in the same task
+(:class:`chatd.adapters.websocket.WsAcceptor`), and anything else is served by hypercorn's
 Trio connection handler with chatd's ASGI app. Both run their connections in
 the ``handlers`` nursery that ``serve()`` owns and cuts at the shutdown's
 deadline. Plain HTTP connections are capped (``[http].max_connections``);
@@ -28,10 +28,10 @@ from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
-from trio_websocket import WebSocketRequest, WebSocketServer
 
+from chatd.adapters.websocket import WsAcceptor
 from chatd.config import HttpConfig
-from chatd.http.sniff import Prefaced, plain_response, sniff
+from chatd.http.sniff import plain_response, sniff
 
 log = logging.getLogger("chatd.http")
 
@@ -39,22 +39,6 @@ log = logging.getLogger("chatd.http")
 _HEAD_LIMIT = 16 * 1024
 _REFUSAL_WRITE = 2.0
 _ACCEPT_CAPACITY = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
-
-
-class _Handoff(trio.abc.Listener[Prefaced]):
-    """What trio-websocket accepts from: the connections sniffed as WebSocket upgrades."""
-
-    def __init__(self, receive: trio.MemoryReceiveChannel[Prefaced]) -> None:
-        self._receive = receive
-
-    async def accept(self) -> Prefaced:
-        try:
-            return await self._receive.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            raise trio.ClosedResourceError("the public listener is closed") from None
-
-    async def aclose(self) -> None:
-        await self._receive.aclose()
 
 
 class HttpFace:
@@ -97,42 +81,28 @@ async def serve_public(
     handlers: trio.Nursery,
     face: HttpFace,
     app: Callable[..., Awaitable[None]],
-    ws_handler: Callable[[WebSocketRequest], Awaitable[None]],
+    ws: WsAcceptor,
     *,
-    max_message_size: int,
-    connect_timeout: float,
-    disconnect_timeout: float,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept on ``listeners`` until cancelled: WebSocket upgrades and plain HTTP."""
-    send, receive = trio.open_memory_channel[Prefaced](0)
-    ws_server = WebSocketServer(
-        ws_handler,
-        [_Handoff(receive)],
-        handler_nursery=handlers,
-        max_message_size=max_message_size,
-        connect_timeout=connect_timeout,
-        disconnect_timeout=disconnect_timeout,
-    )
 
     async def dispatch(stream: trio.abc.Stream) -> None:
         sniffed = None
         try:
             with trio.move_on_after(face.cfg.header_timeout):
                 sniffed = await sniff(stream, _HEAD_LIMIT)
-            if sniffed is not None and sniffed.kind == "websocket":
-                await send.send(sniffed.stream)  # trio-websocket owns it from here
-                return
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise
         if sniffed is None:  # gone, or no request head in time
             await trio.aclose_forcefully(stream)
+        elif sniffed.kind == "websocket":
+            await ws.serve(sniffed.stream)  # closes it
         else:
             await face.serve(app, sniffed.stream)  # hypercorn closes it
 
-    async with send, trio.open_nursery() as nursery:
-        await nursery.start(ws_server.run)
+    async with trio.open_nursery() as nursery:
         for listener in listeners:
             nursery.start_soon(_accept, listener, handlers, dispatch)
         task_status.started()

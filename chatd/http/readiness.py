@@ -85,8 +85,8 @@ class Readiness:
         if ready != self._was_ready:
             if ready:
                 log.info("ready")
-            elif self._was_ready is None:  # starting: pub/sub may not be up yet
-                log.info("not ready yet: %s", "; ".join(self.reasons()))
+            elif self._was_ready is None or self.draining:  # starting, or stopping: expected
+                log.info("not ready: %s", "; ".join(self.reasons()))
             else:
                 log.warning("not ready: %s", "; ".join(self.reasons()))
             self._was_ready = ready
