@@ -98,6 +98,12 @@ async def test_tls(nursery, postgres, redis_server, tmp_path):
     assert srv.url.startswith("wss://")
     client = ssl.create_default_context(cafile=cert)
     assert (await _hello(srv.url, ssl_context=client))["type"] == "welcome"
+    # The same TLS port serves HTTPS.
+    import httpx
+
+    assert srv.http_url.startswith("https://")
+    async with httpx.AsyncClient(base_url=srv.http_url, verify=client) as http:
+        assert (await http.get("/healthz")).status_code == 200
 
 
 def test_a_development_server_stays_off_public_addresses():
