@@ -155,6 +155,24 @@ async def check_durable(srv: Server, conv: str, acked: dict[str, int]) -> list[d
     return rows
 
 
+async def lose_publish(srv: Server, conv: str, seq: int) -> None:
+    """Commit message ``seq`` of ``conv`` with no outbox row, as if its publish had
+    been lost: only a gap fill from Postgres can deliver it."""
+
+    async def _commit(pool: Any) -> None:
+        async with pool.acquire() as con, con.transaction():
+            await con.execute("LOCK TABLE outbox IN EXCLUSIVE MODE")
+            await con.execute(
+                "INSERT INTO messages (conv_id, seq, client_id, user_id, role, status, body,"
+                " created_at) VALUES ($1, $2, 'lost', 'writer', 'user', 'complete', 'lost', now())",
+                conv,
+                seq,
+            )
+            await con.execute("UPDATE conversations SET head = $2 WHERE id = $1", conv, seq)
+
+    await srv.log.bridge.postgres(_commit, srv.log.pool)
+
+
 async def check_outbox_drains(srv: Server, timeout: float = 20.0) -> None:
     """Invariant 7: the outbox drains to empty once everything is healthy."""
 

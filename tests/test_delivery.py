@@ -8,6 +8,7 @@ import trio
 
 from chatd.server import serve
 from tests.conftest import make_config, sql, wait_until
+from tests.faults import lose_publish
 
 
 async def test_slow_consumer_is_disconnected_with_4008(
@@ -88,17 +89,7 @@ async def test_gap_is_filled_from_postgres(server, connect, conv):
     await reader.messages(conv, 1)
 
     # Commit seq 2 but drop its outbox row, as if its publish had been lost.
-    async def lose_publish(pool):
-        async with pool.acquire() as con, con.transaction():
-            await con.execute("LOCK TABLE outbox IN EXCLUSIVE MODE")
-            await con.execute(
-                "INSERT INTO messages (conv_id, seq, client_id, user_id, role, status, body, created_at) "
-                "VALUES ($1, 2, 'lost', 'writer', 'user', 'complete', 'lost', now())",
-                conv,
-            )
-            await con.execute("UPDATE conversations SET head = 2 WHERE id = $1", conv)
-
-    await server.log.bridge.postgres(lose_publish, server.log.pool)
+    await lose_publish(server, conv, 2)
     before = server.engine.hub.counters.gap_fills
     await writer.send_message(conv, "m3")
     got = await reader.messages(conv, 2)

@@ -16,6 +16,7 @@ from trio_websocket import ConnectionClosed, open_websocket_url
 from chatd.server import serve
 from tests.chatd_process import start_chatd
 from tests.conftest import make_config, wait_until
+from tests.faults import lose_publish
 
 TOKEN = "operator-token-0123456789"
 _DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -135,17 +136,7 @@ async def test_counters_move_with_the_events_they_count(
         assert after["chatd_connections", ()] == 2
 
         # A gap in a feed, filled from Postgres.
-        async def lose_publish(pool):
-            async with pool.acquire() as con, con.transaction():
-                await con.execute("LOCK TABLE outbox IN EXCLUSIVE MODE")
-                await con.execute(
-                    "INSERT INTO messages (conv_id, seq, client_id, user_id, role, status, body,"
-                    " created_at) VALUES ($1, 4, 'lost', 'writer', 'user', 'complete', 'lost', now())",
-                    conv,
-                )
-                await con.execute("UPDATE conversations SET head = 4 WHERE id = $1", conv)
-
-        await srv.log.bridge.postgres(lose_publish, srv.log.pool)
+        await lose_publish(srv, conv, 4)
         await writer.send_message(conv, "m5")
         await reader.messages(conv, 2)
         gaps = await _scrape(http)
