@@ -39,7 +39,7 @@ def _setup_logging(config: Config) -> None:
     setup_logging(config.log)
 
 
-async def _serve_until_signal(config: Config, worker: bool = False) -> None:
+async def _serve_until_signal(config: Config, worker: bool = False, embedded: Any = None) -> None:
     from chatd.server import serve
     from chatd.workers import inherited_listener
 
@@ -53,7 +53,13 @@ async def _serve_until_signal(config: Config, worker: bool = False) -> None:
         async with trio.open_nursery() as nursery:
 
             async def run(task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
-                await serve(config, listener=listener, worker=index, task_status=task_status)
+                await serve(
+                    config,
+                    listener=listener,
+                    worker=index,
+                    embedded=embedded,
+                    task_status=task_status,
+                )
                 nursery.cancel_scope.cancel()  # done: stop watching for signals
 
             server = await nursery.start(run)
@@ -113,15 +119,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 0
     # SIGTERM while embedded servers start unwinds through their cleanup.
     signal.signal(signal.SIGTERM, _raise_exit)
-    with EmbeddedServices(config) as resolved:
+    services = EmbeddedServices(config)
+    with services as resolved:
         try:
             if resolved.server.workers > 1:
                 from chatd.workers import supervise
 
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                trio.run(partial(supervise, resolved, config_path=config_path(args)))
+                trio.run(
+                    partial(supervise, resolved, config_path=config_path(args), embedded=services)
+                )
             else:
-                trio.run(_serve_until_signal, resolved)
+                trio.run(_serve_until_signal, resolved, False, services)
         finally:
             # Let the embedded servers stop cleanly whatever arrives now.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -155,7 +164,8 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     _setup_logging(config)
     # Migrations need only Postgres: never start an embedded Redis for them.
     config = replace(config, redis=replace(config.redis, url=config.redis.url or "redis://unused"))
-    with EmbeddedServices(config) as resolved:
+    services = EmbeddedServices(config)
+    with services as resolved:
         applied = trio.run(_migrate, resolved)
     print("applied: " + ", ".join(applied) if applied else "schema is up to date")
     return 0

@@ -76,10 +76,32 @@ class RepeatLimit(logging.Filter):
         return True
 
 
+class DependencyOneLine(logging.Filter):
+    """A dependency's expected failure is one line, not a traceback.
+
+    asyncpg's pool logs every failed reconnect with its traceback while
+    Postgres is down (every few seconds, ~40 lines each); the exception's
+    type and message say all an operator can act on. Tracebacks from chatd's
+    own code (bugs) are kept.
+    """
+
+    PREFIXES = ("asyncpg", "redis", "hypercorn", "trio_websocket")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.name.startswith(self.PREFIXES):
+            exc = record.exc_info[1]
+            record.msg = f"{record.getMessage()}: {type(exc).__name__}: {exc}"
+            record.args = ()
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
 def setup_logging(cfg: LogConfig) -> None:
     """Configure the root logger for ``chatd serve`` (stderr, one line per event)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if cfg.format == "json" else logging.Formatter(_TEXT))
+    handler.addFilter(DependencyOneLine())
     handler.addFilter(RepeatLimit(cfg.repeats_per_minute))
     root = logging.getLogger()
     root.handlers[:] = [handler]

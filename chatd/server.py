@@ -38,6 +38,8 @@ from chatd.adapters.websocket import WsAcceptor, WsConnection, handshake_headers
 from chatd.chaos import Chaos
 from chatd.config import Config, ConfigError, ServerConfig
 from chatd.config_checks import operator_address
+from chatd.embedded import EmbeddedServices
+from chatd.embedded.supervisor import EmbeddedWatch
 from chatd.engine.engine import Engine, open_engine
 from chatd.http.app import ChatdApp
 from chatd.http.listener import HttpFace, serve_operator, serve_public
@@ -69,6 +71,8 @@ class Server:
     operator_port: int | None = None
     #: False once the drain begins: new WebSocket clients are refused.
     accepting: bool = True
+    #: The embedded servers' supervision, when ``chatd serve`` started them.
+    embedded: EmbeddedWatch | None = None
     _stop: trio.Event = field(default_factory=trio.Event)
 
     @property
@@ -114,13 +118,15 @@ async def serve(
     chaos: Chaos | None = None,
     listener: trio.SocketListener | None = None,
     worker: int = 0,
+    embedded: EmbeddedServices | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run chatd until :meth:`Server.shutdown` or cancellation. ``config`` must carry both DSNs.
 
     ``listener``: accept on this (a worker's inherited socket) instead of
     opening ``[server].host``/``port``; ``worker``: this worker's index (its
-    operator listener is on ``[http].operator_listen``'s port + index)."""
+    operator listener is on ``[http].operator_listen``'s port + index);
+    ``embedded``: the servers the CLI started, restarted here if they die."""
     if not config.postgres.dsn or not config.redis.url:
         raise ValueError(
             "serve() needs [postgres].dsn and [redis].url (the CLI starts embedded servers)"
@@ -158,6 +164,9 @@ async def serve(
         registry = registry_for(server)
         try:
             async with trio.open_nursery() as accept:
+                if embedded is not None:
+                    server.embedded = EmbeddedWatch(embedded)
+                    await accept.start(server.embedded.run)
                 await accept.start(server.readiness.run)
                 public = await _public_listeners(config.server, listener, ssl_context)
                 server.port = (

@@ -31,6 +31,8 @@ import trio
 
 from chatd.backoff import Backoff
 from chatd.config import Config
+from chatd.embedded import EmbeddedServices
+from chatd.embedded.supervisor import EmbeddedWatch
 
 log = logging.getLogger("chatd.workers")
 
@@ -157,8 +159,12 @@ class _Supervisor:
         scope.cancel()
 
 
-async def supervise(config: Config, *, config_path: str | None) -> None:
-    """Run ``[server].workers`` chatd processes on one port until a signal."""
+async def supervise(
+    config: Config, *, config_path: str | None, embedded: EmbeddedServices | None = None
+) -> None:
+    """Run ``[server].workers`` chatd processes on one port until a signal.
+
+    ``embedded``: the servers this process started, restarted here if they die."""
     cfg = config.server
     sock = open_listen_socket(cfg.host, cfg.port)
     host, port = sock.getsockname()[:2]
@@ -167,6 +173,8 @@ async def supervise(config: Config, *, config_path: str | None) -> None:
     try:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
+                if embedded is not None:
+                    await nursery.start(EmbeddedWatch(embedded).run)
                 try:
                     with trio.fail_after(90):
                         for w in sup.workers:

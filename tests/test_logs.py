@@ -7,7 +7,7 @@ import json
 import logging
 
 from chatd.config import LogConfig
-from chatd.logs import JsonFormatter, RepeatLimit, setup_logging
+from chatd.logs import DependencyOneLine, JsonFormatter, RepeatLimit, setup_logging
 
 
 def _logger(
@@ -68,3 +68,24 @@ def test_setup_logging_installs_one_handler():
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
+
+
+def test_a_dependencys_traceback_is_one_line():
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.addFilter(DependencyOneLine())
+    for name in ("asyncpg.pool", "chatd.engine"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.propagate = False
+        try:
+            raise ConnectionRefusedError(111, "Connect call failed")
+        except OSError:
+            logger.warning("Failed to restore the pool connection floor; retrying", exc_info=True)
+        logger.handlers[:] = []
+    lines = out.getvalue().splitlines()
+    assert lines[0] == (
+        "Failed to restore the pool connection floor; retrying: "
+        "ConnectionRefusedError: [Errno 111] Connect call failed"
+    )
+    assert lines[2] == "Traceback (most recent call last):"  # chatd's own: kept whole

@@ -13,6 +13,7 @@ from pathlib import Path
 from types import TracebackType
 
 from chatd.config import Config
+from chatd.embedded.lock import DataDirLock
 from chatd.embedded.postgres import PostgresServer, _pg_run_user, find_pg_bin
 from chatd.embedded.processes import free_port
 from chatd.embedded.redis import RedisServer, find_redis_server
@@ -40,11 +41,15 @@ class EmbeddedServices:
         self.reuse_running = reuse_running
         self.postgres: PostgresServer | None = None
         self.redis: RedisServer | None = None
+        self._lock: DataDirLock | None = None
 
     def __enter__(self) -> Config:
         cfg = self.config
         data_dir = Path(cfg.embedded.data_dir)
         try:
+            if not self.reuse_running and (not cfg.postgres.dsn or not cfg.redis.url):
+                self._lock = DataDirLock(data_dir.resolve())
+                self._lock.acquire()
             if not cfg.postgres.dsn:
                 pg = PostgresServer(
                     data_dir,
@@ -79,7 +84,11 @@ class EmbeddedServices:
         self._stop()
 
     def _stop(self) -> None:
-        if self.redis is not None:
-            self.redis.stop()
-        if self.postgres is not None:
-            self.postgres.stop("fast")
+        try:
+            if self.redis is not None:
+                self.redis.stop()
+            if self.postgres is not None:
+                self.postgres.stop("fast")
+        finally:
+            if self._lock is not None:
+                self._lock.release()

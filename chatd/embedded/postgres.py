@@ -19,7 +19,15 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
-from chatd.embedded.processes import _tail, _wait, children, free_port
+from chatd.embedded.processes import (
+    _tail,
+    _wait,
+    children,
+    cmdline,
+    die_with_parent,
+    free_port,
+    stop_leftover,
+)
 from chatd.errors import ServiceStartError
 
 log = logging.getLogger("chatd.embedded")
@@ -175,7 +183,13 @@ class PostgresServer:
 
         ``port``: listen there (a restart keeps its DSN); default a free port.
         """
+        self.spawn(port)
+        self.wait_ready()
+
+    def spawn(self, port: int | None = None) -> None:
+        """Start the postmaster (quick); :meth:`wait_ready` waits until it serves."""
         self._initdb()
+        self._stop_leftover()
         self.port = port or free_port()
         log_path = self.data_dir / "postgres.log"
         logf = open(log_path, "ab")
@@ -201,10 +215,16 @@ class PostgresServer:
                 stdout=logf,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                # Immediate shutdown (the postmaster stops its backends) if chatd dies.
+                preexec_fn=die_with_parent(signal.SIGQUIT),
                 **self._popen_kwargs(),
             )  # type: ignore[arg-type]
         finally:
             logf.close()
+
+    def wait_ready(self) -> None:
+        assert self.proc is not None
+        log_path = self.data_dir / "postgres.log"
         deadline = time.monotonic() + self.start_timeout
         while True:
             if self.proc.poll() is not None:
@@ -241,6 +261,25 @@ class PostgresServer:
         port_file = self.data_dir / "pg.port"
         port_file.write_text(f"{self.port}\n")
         port_file.chmod(0o600)
+
+    def _stop_leftover(self) -> None:
+        """Stop a postmaster a previous chatd left running on this cluster (it was killed)."""
+        try:
+            pid = int((self.pgdata / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return
+        command = cmdline(pid)
+        if "-D" not in command or command[command.index("-D") + 1 :][:1] != [str(self.pgdata)]:
+            return  # gone (PostgreSQL removes its stale pid file), or not this cluster's
+        if pid == (self.proc.pid if self.proc else None):
+            return
+        if not stop_leftover(pid, signal.SIGINT, 15.0):
+            raise ServiceStartError(
+                f"a PostgreSQL (pid {pid}) still runs on {self.pgdata} and would not stop"
+            )
+        log.warning(
+            "stopped the PostgreSQL (pid %d) a previous chatd left running on %s", pid, self.pgdata
+        )
 
     def running_dsn(self) -> str | None:
         """The DSN of this data directory's server if a chatd started it and it still runs."""

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
-from chatd.embedded.processes import _wait, free_port
+from chatd.embedded.processes import _wait, cmdline, die_with_parent, free_port, stop_leftover
 from chatd.errors import ServiceStartError
 
 log = logging.getLogger("chatd.embedded")
@@ -60,7 +60,13 @@ class RedisServer:
 
     def start(self, port: int | None = None) -> None:
         """Start (fresh and empty every time); ``port`` reuses a previous port."""
+        self.spawn(port)
+        self.wait_ready()
+
+    def spawn(self, port: int | None = None) -> None:
+        """Start the process (quick); :meth:`wait_ready` waits until it answers."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._stop_leftover()
         self.port = port or free_port()
         conf = self.data_dir / "redis.conf"
         fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -68,14 +74,19 @@ class RedisServer:
             fh.write(
                 f'port {self.port}\nbind 127.0.0.1\nsave ""\nappendonly no\n'
                 f"dir {self.data_dir}\nlogfile {self.data_dir / 'redis.log'}\n"
-                f"requirepass {self._password}\ndaemonize no\n"
+                f"requirepass {self._password}\ndaemonize no\npidfile {self._pidfile}\n"
             )
         self.proc = subprocess.Popen(
             [str(self.binary), str(conf)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
+            # Nothing to save: it dies with chatd.
+            preexec_fn=die_with_parent(signal.SIGKILL),
         )
+
+    def wait_ready(self) -> None:
+        assert self.proc is not None
         deadline = time.monotonic() + self.start_timeout
         while not self._ping():
             if self.proc.poll() is not None:
@@ -86,6 +97,26 @@ class RedisServer:
                 self.kill()
                 raise ServiceStartError(f"redis-server did not answer within {self.start_timeout}s")
             time.sleep(0.02)
+
+    @property
+    def _pidfile(self) -> Path:
+        return self.data_dir / "redis.pid"
+
+    def _stop_leftover(self) -> None:
+        """Stop a Redis a previous chatd left running from this directory (it was killed)."""
+        try:
+            pid = int(self._pidfile.read_text())
+        except (OSError, ValueError):
+            return
+        command = cmdline(pid)
+        if command and "redis" in command[0] and pid != (self.proc.pid if self.proc else None):
+            stop_leftover(pid, signal.SIGKILL, 5.0)
+            log.warning(
+                "stopped the Redis (pid %d) a previous chatd left running from %s",
+                pid,
+                self.data_dir,
+            )
+        self._pidfile.unlink(missing_ok=True)
 
     def _ping(self) -> bool:
         try:

@@ -178,6 +178,12 @@ class ChatdApp:
     async def _status(self, _body: bytes) -> tuple[int, bytes, bytes]:
         status = await self._server.engine.status()
         status["ready"] = self._server.readiness.reasons() or True
+        watch = self._server.embedded
+        if watch is not None:
+            status["embedded"] = {
+                name: {"up": name not in watch.down, "restarts": watch.restarts[name]}
+                for name in watch.servers
+            }
         return 200, _JSON, orjson.dumps(status)
 
     async def _chaos_status(self, _body: bytes) -> tuple[int, bytes, bytes]:

@@ -220,6 +220,21 @@ class EngineCollector:
         for component, state in e.chaos.status().items():
             gates.add_metric([component], int(state["broken"]))
         yield gates
+        watch = server.embedded
+        if watch is not None:
+            up = GaugeMetricFamily(
+                "chatd_embedded_up", "1 while an embedded server runs", labels=["server"]
+            )
+            restarts = CounterMetricFamily(
+                "chatd_embedded_restarts",
+                "Embedded servers restarted after dying",
+                labels=["server"],
+            )
+            for name in watch.servers:
+                up.add_metric([name], int(name not in watch.down))
+                restarts.add_metric([name], watch.restarts[name])
+            yield up
+            yield restarts
         yield _gauge("chatd_ready", "1 while /readyz answers 200", int(ready.ready))
         yield _gauge("chatd_draining", "1 once a shutdown began", int(ready.draining))
         yield _gauge(
