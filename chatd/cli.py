@@ -262,6 +262,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return bench.main(config, args)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("chatd")
+    except PackageNotFoundError:  # pragma: no cover - a source tree without install
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chatd",
@@ -269,12 +278,15 @@ def build_parser() -> argparse.ArgumentParser:
         "(Postgres is the truth, Redis the transport).",
     )
     parser.add_argument("--config", "-c", help="config file (default: ./config.toml if present)")
+    parser.add_argument("--version", action="version", version=f"chatd {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser(
         "serve", help="run the server (starts embedded PostgreSQL/Redis when no DSN is set)"
     )
-    p.add_argument("--port", type=int, help="override [server].port")
-    p.add_argument("--workers", type=int, help="override [server].workers (processes on the port)")
+    p.add_argument("--port", type=_port, help="override [server].port (0..65535)")
+    p.add_argument(
+        "--workers", type=_workers, help="override [server].workers (processes on the port)"
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_serve)
     p = sub.add_parser("migrate", help="apply pending schema migrations and exit")
@@ -335,14 +347,57 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as exc:
-        print(f"chatd: configuration error: {exc}", file=sys.stderr)
-        return 2
-    except ChatdError as exc:
-        print(f"chatd: {exc}", file=sys.stderr)
-        return 1
+    except BrokenPipeError:
+        # `chatd status | head`: the reader left; nothing more to say.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         return 130
+    except BaseException as exc:
+        # What a user can get wrong at start is one line naming the fix, also
+        # when it surfaced inside Trio's nurseries (an exception group).
+        known = _known_errors(exc)
+        if known is None:
+            raise
+        for error in known:
+            if isinstance(error, ConfigError):
+                print(f"chatd: configuration error: {error}", file=sys.stderr)
+            else:
+                print(f"chatd: {error}", file=sys.stderr)
+        return 2 if all(isinstance(e, ConfigError) for e in known) else 1
+
+
+def _known_errors(exc: BaseException) -> list[BaseException] | None:
+    """The leaves of ``exc`` if every one is a chatd error with a message for users."""
+    if isinstance(exc, BaseExceptionGroup):
+        leaves: list[BaseException] = []
+        for sub in exc.exceptions:
+            found = _known_errors(sub)
+            if found is None:
+                return None
+            leaves.extend(found)
+        return leaves
+    return [exc] if isinstance(exc, ConfigError | ChatdError) else None
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port (0..65535; 0: any free port)")
+    return port
+
+
+def _workers(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of workers") from None
+    if not 1 <= n <= 64:
+        raise argparse.ArgumentTypeError(f"{n} workers: use 1 to 64")
+    return n
 
 
 if __name__ == "__main__":

@@ -134,6 +134,25 @@ async def serve(
     chaos = chaos or Chaos()
     shutdown = ShutdownClock(config.server.shutdown_grace)
     ssl_context = _tls(config.server)
+    # Listening first: a port in use fails at once, before any server is touched.
+    public = await _public_listeners(config.server, listener, ssl_context)
+    try:
+        await _serve(config, chaos, shutdown, public, ssl_context, worker, embedded, task_status)
+    finally:
+        for li in public:  # the accept loops close them; these are for a failed start
+            await trio.aclose_forcefully(li)
+
+
+async def _serve(
+    config: Config,
+    chaos: Chaos,
+    shutdown: ShutdownClock,
+    public: list[Any],
+    ssl_context: ssl.SSLContext | None,
+    worker: int,
+    embedded: EmbeddedServices | None,
+    task_status: trio.TaskStatus[Server],
+) -> None:
     if config.auth.mode == "anonymous":
         log.warning(
             "anonymous mode: clients name themselves and may read and write every "
@@ -168,7 +187,6 @@ async def serve(
                     server.embedded = EmbeddedWatch(embedded)
                     await accept.start(server.embedded.run)
                 await accept.start(server.readiness.run)
-                public = await _public_listeners(config.server, listener, ssl_context)
                 server.port = (
                     public[0].transport_listener.socket.getsockname()[1]
                     if ssl_context

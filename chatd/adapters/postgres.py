@@ -329,7 +329,10 @@ async def _connect_with_retry(bridge: Bridge, cfg: PostgresConfig) -> asyncpg.Po
         except StoreUnavailable as exc:
             delay = backoff.next()
             if trio.current_time() + delay > deadline:
-                raise StoreUnavailable(f"cannot connect to Postgres: {exc.message}") from exc
+                raise StoreUnavailable(
+                    f"cannot connect to Postgres: {exc.message} (is it running? check "
+                    "[postgres].dsn or CHATD_POSTGRES_DSN)"
+                ) from exc
             await trio.sleep(delay)
 
 
