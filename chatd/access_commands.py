@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import replace
 from typing import Any
 
 import trio
 
-from chatd.config import Config, load_config
+from chatd.config import Config
 from chatd.protocol import conv_error
 
 
@@ -53,9 +52,9 @@ def add_parsers(sub: Any) -> None:
 
 
 def _load(args: argparse.Namespace) -> Config:
-    from chatd.cli import config_path
+    from chatd.cli import load_for
 
-    return load_config(config_path(args), os.environ)
+    return load_for(args)
 
 
 def _cmd_token(args: argparse.Namespace) -> int:

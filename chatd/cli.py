@@ -22,15 +22,23 @@ log = logging.getLogger("chatd")
 
 
 def config_path(args: argparse.Namespace) -> str | None:
-    """The config file a command reads: ``--config``, else ./config.toml if present."""
-    path = args.config
-    if path is None and Path("config.toml").is_file():
-        path = "config.toml"
-    return path
+    """The config file a command reads (:func:`chatd.locations.config_file`)."""
+    from chatd.locations import config_file
+
+    path = config_file(args.config, os.environ, Path.cwd())
+    return str(path) if path else None
 
 
-def _load(args: argparse.Namespace) -> Config:
-    return load_config(config_path(args), os.environ)
+def load_for(args: argparse.Namespace) -> Config:
+    """The config a command runs with: its file found, its data directory resolved."""
+    from chatd.locations import with_data_dir
+
+    path = config_path(args)
+    config = load_config(path, os.environ)
+    return with_data_dir(config, Path(path) if path else None, os.environ)
+
+
+_load = load_for
 
 
 def _setup_logging(config: Config) -> None:
@@ -171,10 +179,48 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+_INIT = """\
+# chatd configuration, written by `chatd init`. Every key is optional; the
+# reference with every key at its default is config.toml in chatd's
+# repository, and `chatd config` prints what chatd runs with. Keep secrets
+# in the environment: CHATD_AUTH_SECRET, CHATD_OPERATOR_TOKEN,
+# CHATD_POSTGRES_DSN, CHATD_REDIS_URL.
+
+[server]
+host = "127.0.0.1"            # "0.0.0.0" for other machines (needs [auth].mode = "jwt")
+port = 8765
+
+[auth]
+mode = "anonymous"            # development; "jwt" for real users (docs/security.md)
+
+[embedded]
+data_dir = "var"              # the embedded servers' data, next to this file
+
+[http]
+# operator_listen = "127.0.0.1:8766"   # /metrics, /status, /chaos on a port of their own
+
+[log]
+level = "info"
+"""
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    if path.exists():
+        print(f"chatd: {path} exists; not overwriting it (remove it first)", file=sys.stderr)
+        return 1
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(_INIT)
+    print(f"wrote {path}; chatd reads it when started from {path.parent.resolve()}")
+    return 0
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     import json
 
     config = _load(args)
+    path = config_path(args)
+    print(f"# config file: {path or 'none (all defaults)'}", file=sys.stderr)
     print(json.dumps(as_dict(config), indent=2))
     return 0
 
@@ -277,7 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Real-time chat state engine: durable conversations over WebSocket "
         "(Postgres is the truth, Redis the transport).",
     )
-    parser.add_argument("--config", "-c", help="config file (default: ./config.toml if present)")
+    parser.add_argument(
+        "--config",
+        "-c",
+        help="config file (default: $CHATD_CONFIG, ./chatd.toml, ~/.config/chatd/chatd.toml "
+        "or, as root, /etc/chatd/chatd.toml; none: all defaults)",
+    )
     parser.add_argument("--version", action="version", version=f"chatd {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser(
@@ -291,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_serve)
     p = sub.add_parser("migrate", help="apply pending schema migrations and exit")
     p.set_defaults(func=_cmd_migrate)
+    p = sub.add_parser("init", help="write a starting config file (./chatd.toml)")
+    p.add_argument("path", nargs="?", default="chatd.toml")
+    p.set_defaults(func=_cmd_init)
     p = sub.add_parser("config", help="print the effective configuration")
     p.set_defaults(func=_cmd_config)
     url_help = (

@@ -202,7 +202,9 @@ class RetryConfig:
 
 @dataclass(frozen=True)
 class EmbeddedConfig:
-    data_dir: str = "var"
+    #: Where embedded servers keep their data: relative to the config file;
+    #: empty: ~/.local/share/chatd, or /var/lib/chatd as root (chatd/locations.py).
+    data_dir: str = ""
     #: Directory holding initdb/pg_ctl/postgres; empty searches PATH and Debian's locations.
     pg_bin_dir: str = ""
     redis_server: str = ""
