@@ -8,7 +8,6 @@ calls :func:`load_config` with an explicit path and environment mapping.
 
 from __future__ import annotations
 
-import dataclasses
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -17,7 +16,7 @@ from typing import Any
 
 from chatd.config_checks import ConfigError, validate
 
-__all__ = ["ConfigError", "config_from_dict", "load_config"]
+__all__ = ["ConfigError", "as_dict", "config_from_dict", "load_config"]
 
 
 @dataclass(frozen=True)
@@ -438,27 +437,5 @@ def load_config(path: str | Path | None, env: Mapping[str, str]) -> Config:
     return config_from_dict(data)
 
 
-def as_dict(config: Config) -> dict[str, Any]:
-    """The configuration as plain data (for ``chatd config`` and logs); secrets masked,
-    passwords in DSNs included."""
-    data = dataclasses.asdict(config)
-    for section, key in _SECRETS:
-        if data[section][key]:
-            data[section][key] = "***"
-    for section, key in (("postgres", "dsn"), ("redis", "url")):
-        data[section][key] = mask_url(data[section][key])
-    return data
-
-
-def mask_url(url: str) -> str:
-    """``scheme://user:***@host/...``: a DSN or URL with its password hidden."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    creds, _, host = rest.rpartition("@")
-    user, colon, _password = creds.partition(":")
-    return f"{scheme}://{user}{':***' if colon else ''}@{host}"
-
-
-#: Keys whose values are never printed or logged.
-_SECRETS = (("model", "api_key"), ("http", "operator_token"), ("auth", "secret"))
+# What is printed of a config (secrets masked) lives beside it; re-exported here.
+from chatd.config_show import as_dict  # noqa: E402

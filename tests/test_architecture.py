@@ -25,6 +25,8 @@ BOTTOM = [
     "protocol",
     "config",
     "config_checks",
+    "config_show",
+    "histogram",
     "errors",
     "chaos",
     "backoff",

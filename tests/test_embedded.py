@@ -18,8 +18,10 @@ from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
+import httpx
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import open_websocket_url
 
 from chatd.config import config_from_dict
@@ -228,6 +230,16 @@ async def test_dead_embedded_servers_are_restarted_and_nothing_is_lost(data_dir,
             status = await srv.engine.status()
             assert status["postgres"] == "ok"
             assert srv.embedded.down == set()
+            async with httpx.AsyncClient(base_url=srv.http_url) as http:
+                text = (await http.get("/metrics")).text
+            samples = {
+                (s.name, tuple(s.labels.values())): s.value
+                for family in text_string_to_metric_families(text)
+                for s in family.samples
+            }
+            for name in ("postgres", "redis"):
+                assert samples["chatd_embedded_restarts_total", (name,)] == 1
+                assert samples["chatd_embedded_up", (name,)] == 1
             await reader.close()
             await writer.close()
             srv.shutdown()

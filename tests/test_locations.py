@@ -57,7 +57,9 @@ def test_init_writes_a_config_that_loads(tmp_path):
     r = subprocess.run([*run, "init"], cwd=tmp_path, capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr
     assert load_config(tmp_path / "chatd.toml", {}).embedded.data_dir == "var"
-    again = subprocess.run([*run, "init"], cwd=tmp_path, capture_output=True, text=True, check=False)
+    again = subprocess.run(
+        [*run, "init"], cwd=tmp_path, capture_output=True, text=True, check=False
+    )
     assert again.returncode == 1 and "exists" in again.stderr
     # From anywhere else, --config finds the same data directory.
     shown = subprocess.run(
