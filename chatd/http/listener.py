@@ -115,9 +115,9 @@ async def _accept(
 ) -> None:
     """Accept until cancelled, each connection in a task of ``handlers``.
 
-    Not ``trio.serve_listeners``: it closes a stream when its handler returns,
-    and a WebSocket connection outlives the task that sniffed it (its session
-    must still answer sends in flight when the server is cancelled).
+    What ``trio.serve_listeners`` does, minus its closing of the stream when
+    the handler returns: here each path closes its own (sniffing, or the
+    server that took the connection), and nothing closes a stream twice.
     """
     async with listener:
         while True:
