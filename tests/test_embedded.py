@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -30,6 +29,7 @@ from chatd.embedded.postgres import _pg_run_user, find_pg_bin
 from chatd.embedded.processes import cmdline
 from chatd.embedded.redis import find_redis_server
 from chatd.server import serve
+from tests.chatd_process import run_chatd
 from tests.client import Client
 from tests.conftest import wait_until
 
@@ -71,30 +71,13 @@ def _pids(data_dir: Path) -> dict[str, int]:
 
 
 async def _start_chatd(nursery: trio.Nursery, data_dir: Path) -> tuple[trio.Process, str]:
+    """``chatd serve`` on embedded servers in ``data_dir`` (no DSN in its environment)."""
     conf = data_dir / "chatd.toml"
     conf.write_text(
         f'[server]\nport = 0\n[embedded]\ndata_dir = "{data_dir}"\n[log]\nlevel = "info"\n'
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHATD_")}
-    proc: trio.Process = await nursery.start(
-        partial(
-            trio.run_process,
-            [sys.executable, "-m", "chatd.cli", "--config", str(conf), "serve"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=env,
-            check=False,
-        )
-    )
-    line = b""
-    with trio.fail_after(90):
-        while b"\n" not in line:
-            chunk = await proc.stdout.receive_some(4096)
-            if not chunk:
-                err = await proc.stderr.receive_some(65536)
-                raise AssertionError(f"chatd exited: {err.decode(errors='replace')}")
-            line += chunk
-    return proc, line.decode().split("serving on ", 1)[1].split()[0]
+    return await run_chatd(nursery, conf, env, stderr=True)
 
 
 async def _send(url: str, conv: str, ident: str) -> dict:
