@@ -121,6 +121,7 @@ async def _apply(config: Config, command: str, conv: str, user: str, rights: str
             Chaos(),
             postgres_timeout=config.postgres.command_timeout,
             redis_timeout=config.redis.command_timeout,
+            kind=config.server.asyncio_bridge,
         ) as bridge,
         open_postgres_log(bridge, config.postgres) as log,
     ):

@@ -157,6 +157,7 @@ async def _migrate(config: Config) -> list[str]:
             Chaos(),
             postgres_timeout=config.postgres.command_timeout,
             redis_timeout=config.redis.command_timeout,
+            kind=config.server.asyncio_bridge,
         ) as bridge,
         open_postgres_log(bridge, config.postgres, migrate=False) as pglog,
     ):

@@ -58,6 +58,11 @@ class ServerConfig:
     #: served, so a load balancer stops sending new ones before the drain
     #: (``shutdown_grace``) begins. 0: drain at once.
     drain_delay: float = 0.0
+    #: How asyncpg and redis-py (asyncio libraries) are reached from Trio:
+    #: "trio-asyncio" (their loop runs inside Trio's) or "thread" (their loop
+    #: runs on a thread of its own; needs no trio-asyncio, the way to Python
+    #: 3.14). docs/operations.md, "The asyncio bridge", has the measurements.
+    asyncio_bridge: str = "trio-asyncio"
 
 
 @dataclass(frozen=True)

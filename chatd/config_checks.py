@@ -77,6 +77,10 @@ def validate(config: Config) -> None:
         (config.store.join_batch >= 1, "[store].join_batch must be at least 1"),
         (1 <= config.server.workers <= 64, "[server].workers must be between 1 and 64"),
         (
+            config.server.asyncio_bridge in ("thread", "trio-asyncio"),
+            '[server].asyncio_bridge must be "thread" or "trio-asyncio"',
+        ),
+        (
             len(config.server.gc_thresholds) == 3
             and all(t >= 1 for t in config.server.gc_thresholds),
             "[server].gc_thresholds must be three positive integers (young, middle, old)",

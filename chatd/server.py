@@ -163,6 +163,7 @@ async def _serve(
             chaos,
             postgres_timeout=config.postgres.command_timeout,
             redis_timeout=config.redis.command_timeout,
+            kind=config.server.asyncio_bridge,
         ) as bridge,
         open_postgres_log(bridge, config.postgres, shutdown=shutdown) as pglog,
         open_redis_transport(bridge, config.redis, shutdown=shutdown) as transport,

@@ -18,6 +18,7 @@ from chatd.config import Config, config_from_dict
 from chatd.embedded import PostgresServer, RedisServer, _pg_run_user, find_pg_bin, find_redis_server
 from chatd.server import Server, serve
 from tests.client import Client
+from tests.engine_env import TEST_BRIDGE
 
 
 def _tempdir(prefix: str) -> Path:
@@ -65,7 +66,7 @@ def own_redis() -> Iterator[RedisServer]:
 
 def make_config(pg: PostgresServer, rs: RedisServer, **sections: dict[str, Any]) -> Config:
     data: dict[str, Any] = {
-        "server": {"port": 0, "hello_timeout": 5.0},
+        "server": {"port": 0, "hello_timeout": 5.0, "asyncio_bridge": TEST_BRIDGE},
         "postgres": {"dsn": pg.dsn, "command_timeout": 3.0},
         "redis": {"url": rs.url, "command_timeout": 1.0, "connect_timeout": 1.0},
         "relay": {"poll_interval": 0.5},

@@ -11,6 +11,7 @@ clock it is handed).
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -29,12 +30,16 @@ from chatd.adapters.memory_transport import MemoryBroker, MemoryTransport
 from chatd.adapters.postgres import open_postgres_log
 from chatd.adapters.redis_transport import open_redis_transport
 from chatd.chaos import Chaos
-from chatd.config import Config, config_from_dict
+from chatd.config import Config, ServerConfig, config_from_dict
 from chatd.engine.engine import Engine, open_engine
 from chatd.model import open_model
 from chatd.shutdown import ShutdownClock
 from chatd.tokens import TokenVerifier
 from tests.client import Client
+
+#: The asyncio bridge the suite's real adapters use: CHATD_TEST_BRIDGE runs the
+#: whole suite on the other one (CI does, on one Python).
+TEST_BRIDGE = os.environ.get("CHATD_TEST_BRIDGE", ServerConfig().asyncio_bridge)
 
 
 @dataclass
@@ -88,7 +93,7 @@ class Env:
     def config(self, **sections: dict[str, Any]) -> Config:
         real = self.kind == "real"
         data: dict[str, Any] = {
-            "server": {"port": 0, "hello_timeout": 5.0},
+            "server": {"port": 0, "hello_timeout": 5.0, "asyncio_bridge": TEST_BRIDGE},
             "postgres": {"dsn": self.postgres.dsn if real else "memory:", "command_timeout": 3.0},
             "redis": {"url": self.redis.url if real else "memory:", "command_timeout": 1.0},
             "relay": {"poll_interval": 0.3},
@@ -159,6 +164,7 @@ class Env:
                 chaos,
                 postgres_timeout=config.postgres.command_timeout,
                 redis_timeout=config.redis.command_timeout,
+                kind=config.server.asyncio_bridge,
             )
         )
         log = await stack.enter_async_context(open_postgres_log(bridge, config.postgres))

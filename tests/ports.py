@@ -20,6 +20,7 @@ from chatd.adapters.postgres import open_postgres_log
 from chatd.adapters.redis_transport import open_redis_transport
 from chatd.chaos import Chaos
 from chatd.config import PostgresConfig, RedisConfig
+from tests.engine_env import TEST_BRIDGE
 
 CONTRACT_DB = "chatd_contract"
 
@@ -44,7 +45,7 @@ async def logs(request: Any, contract_dsn: str) -> AsyncIterator[tuple[Any, Any,
         handles = []
         for gates in (chaos, Chaos()):
             bridge = await stack.enter_async_context(
-                open_bridge(gates, postgres_timeout=1.0, redis_timeout=1.0)
+                open_bridge(gates, postgres_timeout=1.0, redis_timeout=1.0, kind=TEST_BRIDGE)
             )
             handles.append(await stack.enter_async_context(open_postgres_log(bridge, cfg)))
         first = handles[0]
@@ -73,7 +74,7 @@ async def transports(request: Any, redis_server: Any) -> AsyncIterator[tuple[Any
         handles = []
         for gates in (chaos, Chaos()):
             bridge = await stack.enter_async_context(
-                open_bridge(gates, postgres_timeout=1.0, redis_timeout=1.0)
+                open_bridge(gates, postgres_timeout=1.0, redis_timeout=1.0, kind=TEST_BRIDGE)
             )
             handles.append(await stack.enter_async_context(open_redis_transport(bridge, cfg)))
         yield handles[0], handles[1], chaos

@@ -45,6 +45,7 @@ def test_shipped_config_toml_lists_exactly_the_defaults():
         ({"server": {"gc_thresholds": [700, 10]}}, "[server].gc_thresholds"),
         ({"server": {"gc_thresholds": ["700", 10, 10]}}, "[server].gc_thresholds"),
         ({"server": {"workers": 0}}, "[server].workers"),
+        ({"server": {"asyncio_bridge": "uvloop"}}, "[server].asyncio_bridge"),
         (
             {
                 "server": {"workers": 2},

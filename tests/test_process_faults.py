@@ -31,6 +31,7 @@ from chatd.adapters.postgres import open_postgres_log
 from chatd.chaos import Chaos
 from chatd.config import PostgresConfig
 from tests.client import Client
+from tests.engine_env import TEST_BRIDGE
 from tests.faults import Watcher, check_durable, check_outbox_drains, send_until_acked
 
 LEASE, TAKEOVER = 1.0, 0.3
@@ -106,7 +107,7 @@ async def _client(nursery: trio.Nursery, url: str, user: str) -> Client:
 async def matrix(nursery, tmp_path, postgres, own_redis):
     async with AsyncExitStack() as stack:
         bridge = await stack.enter_async_context(
-            open_bridge(Chaos(), postgres_timeout=3.0, redis_timeout=1.0)
+            open_bridge(Chaos(), postgres_timeout=3.0, redis_timeout=1.0, kind=TEST_BRIDGE)
         )
         log = await stack.enter_async_context(
             open_postgres_log(bridge, PostgresConfig(dsn=postgres.dsn, command_timeout=3.0))

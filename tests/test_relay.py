@@ -113,11 +113,13 @@ async def test_a_commit_does_not_wait_for_rows_a_relay_holds(server, connect, co
     await server.log.commit([NewMessage(conv, "m0", "writer", "hi")], [], False)
     (row,) = await _outbox_rows(server, conv)
     locked = trio.Event()
+    token = trio.lowlevel.current_trio_token()
 
     async def hold(pool):
         async with pool.acquire() as con, con.transaction():
             await con.execute("SELECT 1 FROM outbox WHERE id = $1 FOR UPDATE", row["id"])
-            locked.set()
+            # The asyncio side may be another thread (the thread bridge).
+            token.run_sync_soon(locked.set)
             await asyncio.sleep(4)
 
     async with trio.open_nursery() as n:
