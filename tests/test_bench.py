@@ -73,6 +73,29 @@ async def test_bench_sends_and_stream_with_workers(tmp_path):
     assert r["by_workers"]["2"]["offset_gaps"] == 0
 
 
+async def test_bench_bridge_measures_each_bridge_against_plain_asyncio(tmp_path):
+    r = await _bench(tmp_path, "bridge", "--calls", "400")
+    assert r["raw"]["redis_ping_us"] > 0 and r["raw"]["pg_select_us"] > 0
+    for kind in ("trio-asyncio", "thread"):
+        for key in ("empty_us", "empty_concurrent_us", "redis_ping_us", "pg_select_us"):
+            assert r[kind][key] > 0, (kind, key)
+
+
+async def test_bench_sends_and_stream_on_both_asyncio_bridges(tmp_path):
+    bridges = ("--bridge", "thread,trio-asyncio")
+    r = await _bench(
+        tmp_path, "sends", "--seconds", "1", "--senders", "2", "--convs", "2", "--viewers", "1",
+        *bridges,
+    )  # fmt: skip
+    for kind in ("thread", "trio-asyncio"):
+        full = r["by_bridge"][kind]["full"]
+        assert full["acked"] > 0 and full["errors"] == 0 and full["deliveries"] > 0, (kind, full)
+    r = await _bench(tmp_path, "stream", "--streams", "3", "--seconds", "1", *bridges)
+    for kind in ("thread", "trio-asyncio"):
+        assert r["by_bridge"][kind]["token_deliveries"] > 0, kind
+        assert r["by_bridge"][kind]["offset_gaps"] == 0, kind
+
+
 async def test_bench_storm(tmp_path):
     r = await _bench(tmp_path, "storm", "--clients", "5", "--subs", "4")
     (run,) = r["runs"]

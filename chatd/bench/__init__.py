@@ -18,6 +18,7 @@ from pathlib import Path
 from chatd.bench import (
     abuse,
     auth,
+    bridge,
     idle,
     load,
     reads,
@@ -32,6 +33,7 @@ from chatd.config import Config
 _BENCHES = {
     "abuse": abuse,
     "auth": auth,
+    "bridge": bridge,
     "idle": idle,
     "load": load,
     "reads": reads,

@@ -111,6 +111,63 @@ BENCH_CONFIG: dict[str, dict[str, Any]] = {
 }
 
 
+def add_variant_options(parser: Any) -> None:
+    """``--workers`` and ``--bridge``: the chatd configurations measured in turn."""
+    parser.add_argument(
+        "--workers",
+        default="1",
+        help="comma-separated [server].workers to measure in turn, e.g. 1,2",
+    )
+    parser.add_argument(
+        "--bridge",
+        default="",
+        help="comma-separated [server].asyncio_bridge to measure in turn, e.g. "
+        "thread,trio-asyncio (default: chatd's default)",
+    )
+
+
+def variants(args: Any) -> list[tuple[str, dict[str, Any]]]:
+    """(label, [server] overrides) for each configuration ``--workers`` x ``--bridge`` names.
+
+    Labels: the worker count when only it varies (``by_workers`` in the JSON,
+    as before), the bridge when only it varies (``by_bridge``), both otherwise.
+    """
+    counts = [int(n) for n in str(args.workers).split(",") if n.strip()]
+    bridges = [b.strip() for b in str(args.bridge).split(",") if b.strip()] or [""]
+    out = []
+    for bridge in bridges:
+        for n in counts:
+            if len(bridges) > 1 and len(counts) > 1:
+                label = f"{n}w {bridge}"
+            elif len(bridges) > 1:
+                label = bridge
+            else:
+                label = str(n)
+            server: dict[str, Any] = {"workers": n}
+            if bridge:
+                server["asyncio_bridge"] = bridge
+            out.append((label, server))
+    return out
+
+
+def file_variants(results: dict[str, Any], args: Any, measured: dict[str, Any]) -> None:
+    """Put each configuration's results where :func:`variants` says they go."""
+    several_bridges = "," in str(args.bridge).strip(",")
+    if len(measured) == 1 and str(args.workers).strip() == "1":
+        results.update(next(iter(measured.values())))
+    elif not several_bridges:
+        results["by_workers"] = measured
+    elif "," in str(args.workers).strip(","):
+        results["by_variant"] = measured
+    else:
+        results["by_bridge"] = measured
+
+
+def variant_header(label: str, server: dict[str, Any]) -> str:
+    """A column header: "2 worker(s)", "thread", "2w thread"."""
+    return f"{label} worker(s)" if label.isdigit() else label
+
+
 def _toml(sections: dict[str, dict[str, Any]]) -> str:
     out = []
     for name, values in sections.items():

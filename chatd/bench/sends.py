@@ -12,12 +12,16 @@ from typing import Any
 import orjson
 
 from chatd.bench.common import (
+    add_variant_options,
+    file_variants,
     machine,
     pct,
     raw_pg_commits,
     raw_redis_publish,
     start_chatd,
     tree_cpu_seconds,
+    variant_header,
+    variants,
 )
 from chatd.config import Config
 
@@ -32,11 +36,7 @@ def add_parser(sub: Any) -> None:
     # latency, not capacity: chatd sat at 0.8 of a core and Postgres idled.
     s.add_argument("--window", type=int, default=64, help="sends in flight per sender at full load")
     s.add_argument("--seconds", type=float, default=8.0, help="duration of each phase")
-    s.add_argument(
-        "--workers",
-        default="1",
-        help="comma-separated [server].workers to measure in turn, e.g. 1,2",
-    )
+    add_variant_options(s)
     s.add_argument("--json", metavar="FILE", help="also write the results as JSON")
 
 
@@ -213,12 +213,9 @@ def run(config: Config, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     raw_pg = asyncio.run(raw_pg_commits(config.postgres.dsn, min(args.seconds, 5.0)))
     raw_redis = asyncio.run(raw_redis_publish(config.redis.url, min(args.seconds, 3.0)))
     results.update(raw_pg_commits_per_s=raw_pg, raw_redis_publish_per_s=raw_redis)
-    counts = [int(n) for n in str(args.workers).split(",") if n.strip()]
-    by_workers = {n: _measure(config, args, tmp, n, raw_pg) for n in counts}
-    if counts == [1]:
-        results.update(by_workers[1])
-    else:
-        results["by_workers"] = by_workers
+    runs = variants(args)
+    measured = {label: _measure(config, args, tmp, label, server, raw_pg) for label, server in runs}
+    file_variants(results, args, measured)
 
     print()
     print(f"{'raw limit (same run)':<44}{'per second':>12}")
@@ -227,10 +224,13 @@ def run(config: Config, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     print()
     hdr = f"{'chatd phase':<16}{'sends/s':>9}{'x pg raw':>9}{'ack p50':>9}{'ack p99':>9}{'deliv/s':>9}{'x redis':>9}{'dlv p50':>9}{'dlv p99':>9}{'cpu':>6}{'bench':>6}{'err':>5}"
     print(hdr)
-    for n, phases in by_workers.items():
+    for tag, phases in measured.items():
         for name, key in (("full load", "full"), ("half load", "half"), ("half raw", "half_raw")):
             r = phases[key]
-            label = name if len(counts) == 1 else f"{n}w {name}"
+            if len(runs) == 1:
+                label = name
+            else:
+                label = f"{tag}w {name}" if tag.isdigit() else f"{tag} {name}"
             print(
                 f"{label:<16}{r['sends_per_s']:>9.0f}{r['sends_per_s'] / raw_pg:>9.2f}"
                 f"{r['ack_p50_ms']:>7.1f}ms{r['ack_p99_ms']:>7.1f}ms{r['deliveries_per_s']:>9.0f}"
@@ -242,24 +242,31 @@ def run(config: Config, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     print("full load: closed loop; half load: open loop at half of full load's rate;")
     print("half raw: open loop at half the raw commit rate (the core target's ack p99 condition).")
     print("cpu: chatd's CPU, all its worker processes (1.0 = one core busy); bench: this load")
-    print("generator's CPU. Nw: [server].workers = N.")
+    print(
+        "generator's CPU. Nw: [server].workers = N; thread, trio-asyncio: [server].asyncio_bridge."
+    )
     return results
 
 
 def _measure(
-    config: Config, args: argparse.Namespace, tmp: Path, workers: int, raw_pg: float
+    config: Config,
+    args: argparse.Namespace,
+    tmp: Path,
+    label: str,
+    server: dict[str, Any],
+    raw_pg: float,
 ) -> dict[str, Any]:
-    """The three phases against one chatd with ``workers`` processes."""
+    """The three phases against one chatd configured with ``server``."""
     import trio
 
-    proc, url = start_chatd(config, tmp, {"server": {"workers": workers}})
+    proc, url = start_chatd(config, tmp, {"server": server})
     # Conversations and message ids unique to this server's run: another run on
     # the same database must not find its sends already stored (duplicates are
     # acked without a commit or a delivery).
     run = f"{time.time_ns():x}"
     try:
         print(
-            f"chatd at {url} ({workers} worker(s)): full load ({args.senders} senders x "
+            f"chatd at {url} ({variant_header(label, server)}): full load ({args.senders} senders x "
             f"{args.window} in flight, {args.convs} convs x {args.viewers} viewers)...",
             flush=True,
         )

@@ -15,7 +15,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from chatd.bench.common import machine, pct, raw_redis_publish, start_chatd, tree_cpu_seconds
+from chatd.bench.common import (
+    add_variant_options,
+    file_variants,
+    machine,
+    pct,
+    raw_redis_publish,
+    start_chatd,
+    tree_cpu_seconds,
+    variant_header,
+    variants,
+)
 from chatd.config import Config
 
 
@@ -28,11 +38,7 @@ def add_parser(sub: Any) -> None:
     s.add_argument(
         "--lane-interval-ms", type=float, default=0.0, help="[streams].lane_interval_ms for chatd"
     )
-    s.add_argument(
-        "--workers",
-        default="1",
-        help="comma-separated [server].workers to measure in turn, e.g. 1,2",
-    )
+    add_variant_options(s)
     s.add_argument("--json", metavar="FILE", help="also write the results as JSON")
 
 
@@ -124,19 +130,16 @@ def run(config: Config, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     print(f"machine: {results['machine']}")
     print("measuring raw Redis PUBLISH (plain asyncio, same server)...", flush=True)
     raw_redis = asyncio.run(raw_redis_publish(config.redis.url, 3.0))
-    counts = [int(n) for n in str(args.workers).split(",") if n.strip()]
-    by_workers = {n: _measure(config, args, tmp, n) for n in counts}
+    runs = variants(args)
+    measured = {label: _measure(config, args, tmp, label, server) for label, server in runs}
     target = args.streams * args.rate * args.viewers
     results.update(raw_redis_publish_per_s=raw_redis, target_deliveries_per_s=target)
-    if counts == [1]:
-        results.update(by_workers[1])
-    else:
-        results["by_workers"] = by_workers
+    file_variants(results, args, measured)
     print()
-    print(f"{'':<34}" + "".join(f"{f'{n} worker(s)':>14}" for n in counts))
+    print(f"{'':<34}" + "".join(f"{variant_header(label, server):>14}" for label, server in runs))
 
     def row(label: str, cell: Callable[[dict[str, Any]], str]) -> None:
-        print(f"{label:<34}" + "".join(f"{cell(by_workers[n]):>14}" for n in counts))
+        print(f"{label:<34}" + "".join(f"{cell(measured[tag]):>14}" for tag, _ in runs))
 
     print(f"{'raw redis PUBLISH/s (same run)':<34}{raw_redis:>14.0f}")
     print(f"{'offered token deliveries/s':<34}{target:>14.0f}")
@@ -152,18 +155,20 @@ def run(config: Config, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     return results
 
 
-def _measure(config: Config, args: argparse.Namespace, tmp: Path, workers: int) -> dict[str, Any]:
+def _measure(
+    config: Config, args: argparse.Namespace, tmp: Path, label: str, server: dict[str, Any]
+) -> dict[str, Any]:
     import trio
 
     streams = {
         "max_streams": max(200, args.streams * 2),
         "lane_interval_ms": args.lane_interval_ms,
     }
-    sections = {"streams": streams, "server": {"workers": workers}}
+    sections = {"streams": streams, "server": server}
     proc, url = start_chatd(config, tmp, sections)
     try:
         print(
-            f"chatd at {url} ({workers} worker(s)): {args.streams} replies x {args.rate:g} "
+            f"chatd at {url} ({variant_header(label, server)}): {args.streams} replies x {args.rate:g} "
             f"tokens/s, {args.viewers} viewers each, {args.seconds:g}s measured...",
             flush=True,
         )
