@@ -93,6 +93,8 @@ class Committer:
         self.batch_sizes = Histogram(BATCH_SIZES)
         self.isolated = 0
         self.publish_overflows = 0
+        #: Sends whose id was stored already (a retry): answered with the original seq.
+        self.duplicates = 0
 
     # -- for submitters ---------------------------------------------------
 
@@ -259,7 +261,9 @@ class Committer:
             self.batches += 1
             self.batch_sizes.observe(len(batch))
         for p, result in zip(batch, results, strict=True):
-            if not result.duplicate:
+            if result.duplicate:
+                self.duplicates += 1
+            else:
                 self.committed += 1
             _answer(p, result)
 

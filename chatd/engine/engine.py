@@ -138,6 +138,7 @@ class Engine:
             "feeds": len(self.hub.feeds),
             "pubsub_live": self.hub.bus_healthy,
             "committed": self.committer.committed,
+            "duplicate_sends": self.committer.duplicates,
             "isolated_bad_messages": self.committer.isolated,
             "published": self.relay.fresh_published,
             "relayed": self.relay.published,

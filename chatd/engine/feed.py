@@ -61,6 +61,11 @@ class Counters:
     gap_fills: int = 0
     stream_fills: int = 0
     resyncs: int = 0
+    #: Resyncs that failed (the log unavailable) and were retried.
+    resync_retries: int = 0
+    #: Replies that ended (no message) while pub/sub was cut: their followers
+    #: were sent the end they missed.
+    vanished_replies: int = 0
     #: Delta frames handed to clients (one per viewer per delta).
     deltas_delivered: int = 0
 
@@ -350,14 +355,21 @@ class Feed:
         self.counters.resyncs += 1
         if not self.subs:
             return True
+        # Replies subscribers follow may have ended while the transport was not
+        # delivering (their end frame lost with the pub/sub connection). Which
+        # are still running is read before the snapshot, so one that commits
+        # in between shows as committed.
+        followed = self.replies.followed()
         # Usually little or nothing is missing: the loader asks for it together
         # with every other feed resyncing now (a pub/sub reconnect, a storm of
         # new subscriptions confirmed), one round trip for all of them.
         low = min(s.last for s in self.subs.values())
         try:
-            loaded = await self.loader.load(self.conv, (low,), frozenset(), streams=False)
+            running = await self.replies.running(followed)
+            loaded = await self.loader.load(self.conv, (low,), followed, streams=False)
         except Unavailable as exc:
             log.warning("resync of %s failed, retrying: %s", self.conv, exc)
+            self.counters.resync_retries += 1
             self.needs_resync = True
             return False
         (snap,) = loaded.snapshots
@@ -366,7 +378,9 @@ class Feed:
                 list(self.subs.values()),
                 [(m["seq"], encode(message_event(self.conv, m))) for m in snap.messages],
             )
+            self.replies.end_vanished(followed - running, snap.committed_streams)
             return True
+        self.replies.end_vanished(followed - running, snap.committed_streams)
         # Further behind than one snapshot holds: page through the log.
         while self.subs:
             low = min(s.last for s in self.subs.values())

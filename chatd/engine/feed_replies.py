@@ -165,6 +165,58 @@ class ReplyFrames:
                     continue
             sub.streams[stream] = len(partial)
 
+    # -- replies that ended unseen (for the feed's resync) --------------------
+
+    def followed(self) -> frozenset[str]:
+        """Replies some subscriber follows live and has seen no end of."""
+        return frozenset(
+            stream
+            for sub in self._feed.subs.values()
+            for stream, have in sub.streams.items()
+            if have is not None and stream not in self._ended
+        )
+
+    async def running(self, streams: frozenset[str]) -> frozenset[str]:
+        """Which of ``streams`` the log still has in flight (registered, not ended)."""
+        if not streams:
+            return frozenset()
+        feed = self._feed
+        (held,) = await feed.log.inflight([feed.conv])
+        return frozenset(f.stream for f in held) & streams
+
+    def end_vanished(self, gone: frozenset[str], committed: frozenset[str]) -> None:
+        """End replies that left the log while this feed was not listening.
+
+        A committed one is over for its followers: the ``message`` event of the
+        resync replaces the bubble. One that was never committed ended without
+        a message (the model failed, the commit gave up): its followers get the
+        ``stream.error`` they would have had, with code ``ended``.
+        """
+        feed = self._feed
+        for stream in gone:
+            self._ended[stream] = None
+            if len(self._ended) > _ENDED_MEMORY:
+                self._ended.popitem(last=False)
+            frame = None
+            if stream not in committed:
+                frame = encode(
+                    {
+                        "type": "stream.error",
+                        "conv": feed.conv,
+                        "stream": stream,
+                        "code": "ended",
+                        "message": "the reply ended while this connection was not "
+                        "receiving; nothing was stored",
+                        "retryable": True,
+                    }
+                )
+                feed.counters.vanished_replies += 1
+            for sub in list(feed.subs.values()):
+                if sub.streams.pop(stream, None) is None or frame is None:
+                    continue
+                if not sub.client.deliver(frame):
+                    feed.drop(sub)
+
     def _delta(self, stream: str, offset: int, text: str) -> str:
         return encode(
             {
