@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import trio
 
 from chatd.config import RetryConfig
+from chatd.entropy import new_rng
 
 
 @dataclass
@@ -40,7 +41,7 @@ class Backoff:
         d = self.delay
         self.delay = min(d * 2, self.high)
         if self._rng is None:
-            self._rng = random.Random()
+            self._rng = new_rng()
         return d * (1.0 - self.jitter * self._rng.random())
 
     def reset(self) -> None:

@@ -30,6 +30,7 @@ BOTTOM = [
     "errors",
     "chaos",
     "backoff",
+    "entropy",
     "shutdown",
     "identity",
     "limits",

@@ -32,7 +32,6 @@ one commit), on whichever process is alive, or the same one restarted.
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -41,6 +40,7 @@ from chatd.backoff import Backoff
 from chatd.config import RetryConfig, StreamsConfig
 from chatd.engine.lane import Lane
 from chatd.engine.reply import Reply
+from chatd.entropy import token_hex
 from chatd.errors import Unavailable
 from chatd.ports import Log
 from chatd.records import Checkpoint, Orphan, Registration
@@ -49,7 +49,7 @@ log = logging.getLogger("chatd.custody")
 
 
 def _new_id() -> str:
-    return uuid.uuid4().hex
+    return token_hex(16)
 
 
 class Custody:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import secrets
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -32,6 +31,7 @@ from chatd.engine.hub import Hub
 from chatd.engine.lane import Lane
 from chatd.engine.reply import REPLY_ID_PREFIX, Reply, now_ms
 from chatd.engine.reply_run import ReplyRunner
+from chatd.entropy import token_hex
 from chatd.errors import Unavailable
 from chatd.model import Model
 from chatd.ports import Log, Transport
@@ -157,7 +157,7 @@ class Replies:
                         _answer(req, refusal)
                         continue
                     r = Reply(
-                        id=REPLY_ID_PREFIX + secrets.token_hex(8),
+                        id=REPLY_ID_PREFIX + token_hex(8),
                         conv=req.conv,
                         reply_to=req.reply_to,
                         prompt=req.prompt,
