@@ -14,6 +14,7 @@ round trip does. Time is Trio's clock (a mock clock makes runs reproducible).
 
 from __future__ import annotations
 
+import random
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ import orjson
 import trio
 
 from chatd.chaos import Chaos
-from chatd.errors import StoreError
+from chatd.errors import StoreError, StoreUnavailable
 from chatd.records import (
     Checkpoint,
     Committed,
@@ -62,8 +63,13 @@ class _OutboxRow:
 class MemoryDatabase:
     """The shared state: conversations, messages, the outbox, the listeners."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, seed: int | None = None) -> None:
         self.convs: dict[str, _Conversation] = {}
+        #: Share of calls whose answer is lost after the statement ran (the
+        #: connection dropped after COMMIT): the caller sees an outage, the
+        #: write happened. A fault for simulations; 0 in tests.
+        self.answer_loss = 0.0
+        self.rng = random.Random(seed)
         self.outbox: dict[int, _OutboxRow] = {}
         self.claimed: set[int] = set()
         self.next_outbox_id = 1
@@ -118,7 +124,10 @@ class MemoryLog:
     async def _call(self, fn: Any, *args: Any) -> Any:
         async def round_trip() -> Any:
             await trio.lowlevel.checkpoint()
-            return fn(*args)
+            result = fn(*args)
+            if self.db.answer_loss and self.db.rng.random() < self.db.answer_loss:
+                raise StoreUnavailable("postgres: connection lost after the statement ran")
+            return result
 
         return await self._chaos.call(("postgres",), self._timeout, round_trip)
 
@@ -229,7 +238,18 @@ class MemoryLog:
 
     @asynccontextmanager
     async def claim_outbox(self, limit: int, min_age: float) -> AsyncIterator[list[OutboxEvent]]:
-        ids = await self._call(self._claim, limit, min_age)
+        taken: list[int] = []
+
+        def _claim() -> list[int]:
+            taken.extend(self._claim(limit, min_age))
+            return taken
+
+        try:
+            ids = await self._call(_claim)
+        except BaseException:
+            # The claim's transaction died with its answer: nothing stays locked.
+            self.db.claimed.difference_update(taken)
+            raise
         try:
             yield [
                 OutboxEvent(r.id, r.conv, r.payload) for r in map(self.db.outbox.__getitem__, ids)

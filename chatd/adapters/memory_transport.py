@@ -39,13 +39,18 @@ class MemoryBroker:
         self.partials: dict[tuple[str, str], tuple[str, float]] = {}
         #: (conv, stream) -> expiry: replies taken over (their old owner may not publish).
         self.seized: dict[tuple[str, str], float] = {}
-        #: Share of published messages lost on the way (a fault for simulations).
+        #: Share of published messages lost on the way to a subscriber (a fault
+        #: for simulations). Redis loses pub/sub messages only by losing the
+        #: subscriber's connection (its output buffer over the limit, the
+        #: network): a lost message cuts that subscriber, which notices on its
+        #: next ``receive`` and re-subscribes.
         self.drop_rate = 0.0
         self.rng = random.Random(seed)
 
     def publish(self, chan: str, msg: BusMessage) -> None:
         for t in list(self.subscribers.get(chan, ())):
             if self.drop_rate and self.rng.random() < self.drop_rate:
+                t._cut()
                 continue
             t._arrive(msg)
 
@@ -57,9 +62,7 @@ class MemoryBroker:
         self.seized.clear()
         everyone = {t for subs in self.subscribers.values() for t in subs}
         for t in everyone:
-            t._drop_connection()
-            t._broken = True
-            t._wakeup.set()
+            t._cut()
 
     # Keys expire lazily, on access, like Redis's own passive expiry.
 
@@ -198,6 +201,12 @@ class MemoryTransport:
 
     def _arrive(self, msg: BusMessage) -> None:
         self._inbox.append(msg)
+        self._wakeup.set()
+
+    def _cut(self) -> None:
+        """The server dropped this client's pub/sub connection."""
+        self._drop_connection()
+        self._broken = True
         self._wakeup.set()
 
     def _drop_connection(self) -> None:
