@@ -1,0 +1,116 @@
+"""The invariants of docs/invariants.md on the simulation's memory database.
+
+The checks that read only what clients saw and what is stored are the
+fuzzer's own (``fuzz/invariants.py``); what this module adds is reading the
+stored state from :class:`MemoryDatabase` instead of SQL.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from fuzz.invariants import _delivered, _stored_reply
+
+if TYPE_CHECKING:
+    from sim.world import SimWorld
+
+
+def rows(world: SimWorld, conv: str) -> list[dict[str, Any]]:
+    """The stored messages of ``conv``, as the fuzzer's SQL returns them."""
+    assert world.db is not None
+    stored = world.db.convs.get(conv)
+    if stored is None:
+        return []
+    return [
+        {
+            "seq": m["seq"],
+            "client_id": m["id"],
+            "role": m["role"],
+            "status": m["status"],
+            "body": m["text"],
+        }
+        for m in stored.messages
+    ]
+
+
+async def check(world: SimWorld) -> None:
+    assert world.db is not None
+    db = world.db
+    srv = world.sim_srv
+    await _replies_end(world)  # 9
+    with trio.fail_after(30):
+        while srv.engine.replies.active:
+            await trio.sleep(0.05)
+    with trio.fail_after(20):  # 7: the outbox drains
+        while db.outbox:
+            await trio.sleep(0.05)
+    rows_by_conv = {}
+    for conv in world.convs():
+        stored = rows(world, conv)
+        assert [r["seq"] for r in stored] == list(range(1, len(stored) + 1)), "gapless"  # 3
+        by_id = {r["client_id"]: r["seq"] for r in stored}
+        assert len(by_id) == len(stored), "a message id is stored at most once"  # 4
+        for s in world.sent:  # 1, 8
+            if s.conv == conv and s.duplicate_of is None:
+                assert by_id.get(s.mid) == s.seq, (
+                    f"acked {s.mid} at seq {s.seq}, stored at {by_id.get(s.mid)}"
+                )
+        rows_by_conv[conv] = stored
+    for s in world.sent:  # 4
+        if s.duplicate_of is not None:
+            assert s.seq == world.sent[s.duplicate_of].seq, f"retry of {s.mid} got a new seq"
+    for st_ in world.streams:  # 2
+        _stored_reply(world, st_, [r for r in rows_by_conv[st_.conv] if r["client_id"] == st_.id])
+    for stored in rows_by_conv.values():
+        for row in stored:
+            if row["role"] == "assistant":
+                assert row["status"] in ("complete", "stopped", "interrupted"), row
+    await world.quiet()  # a watcher closed as a slow consumer has reconnected
+    for w in world.watchers:  # 5, 6
+        await _delivered(world, w, rows_by_conv[w.conv])
+    for w, start in world.old_watchers:  # 5: what a client got before leaving
+        assert w.seqs == list(range(start + 1, start + 1 + len(w.seqs))), (
+            f"watcher from cursor {start} got {w.seqs} before reconnecting"
+        )
+    # 7: no leaked feeds, sessions or reply tasks.
+    assert set(srv.engine.hub.feeds) <= set(world.convs())
+    with trio.fail_after(10):
+        while len(srv.engine.sessions) != len(world.senders) + len(world.watchers):
+            await trio.sleep(0.05)
+    with trio.move_on_after(10):
+        while srv.engine.replies.running:
+            await trio.sleep(0.05)
+    assert srv.engine.replies.running == 0, "no reply task is left"
+
+
+async def _replies_end(world: SimWorld) -> None:
+    """9: once the faults are over, within the bound, no reply runs or is in flight
+    in the log, and every client that followed one live has its end."""
+    assert world.db is not None
+    convs = set(world.convs())
+    deadline = trio.current_time() + world.bound
+
+    def _left() -> list[str]:
+        assert world.db is not None
+        return [s for s, row in world.db.replies.items() if row.get("conv") in convs]
+
+    def _unended() -> list[tuple[str, str]]:
+        return [
+            (w.conv, sid)
+            for w in world.watchers
+            for sid in w.live
+            if sid not in w.ends and sid not in w.messages
+        ]
+
+    while True:
+        left, unended = _left(), _unended()
+        running = len(world.sim_srv.engine.replies.active), await world.peer.active_replies()
+        if (not left and not unended and running == (0, 0)) or trio.current_time() > deadline:
+            break
+        await trio.sleep(0.1)
+    after = f"{world.bound:g}s after the faults"
+    assert running == (0, 0), f"replies still running (here, on the peer) {after}: {running}"
+    assert not left, f"replies still in flight {after}: {left}"
+    assert not unended, f"clients saw no end {after}: {unended}"

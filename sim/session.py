@@ -1,0 +1,83 @@
+"""Many simulated runs: Hypothesis generates the programs and shrinks failures.
+
+:func:`explore` is what CI's test and ``python -m sim run`` call: it runs
+``examples`` programs, each with a scheduler seed Hypothesis draws too, sums
+the coverage, and reports the first failure shrunk to a minimal program with
+its seed (``python -m sim replay`` runs it again, alone).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import seed as hypothesis_seed
+from hypothesis import strategies as st
+
+from sim.runner import simulate
+from sim.world import programs
+
+
+@dataclass
+class Exploration:
+    runs: int = 0
+    seconds: float = 0.0
+    coverage: Counter[str] = field(default_factory=Counter)
+    #: (path, runs so far) when each recovery path was first reached.
+    first_reached: dict[str, int] = field(default_factory=dict)
+    #: (runs, seconds) when the first violation happened, before shrinking.
+    first_failure: tuple[int, float] | None = None
+
+    @property
+    def per_second(self) -> float:
+        return self.runs / self.seconds if self.seconds else 0.0
+
+
+def explore(
+    examples: int, *, seed: int = 0, shrink: bool = True, into: Exploration | None = None
+) -> Exploration:
+    """Run ``examples`` generated programs; raises (shrunk) on the first violation.
+
+    ``into`` receives the counts as they grow (still there when it raises).
+    """
+    result = into if into is not None else Exploration()
+    phases = [Phase.generate, Phase.shrink] if shrink else [Phase.generate]
+
+    @hypothesis_seed(seed)
+    @settings(
+        max_examples=examples,
+        database=None,
+        deadline=None,
+        phases=phases,
+        suppress_health_check=list(HealthCheck),
+        report_multiple_bugs=False,
+        print_blob=False,
+    )
+    @given(program=programs(), seed=st.integers(0, 2**32 - 1))
+    def one(program: list[Any], seed: int) -> None:
+        try:
+            covered = simulate(program, seed)
+        except BaseException:
+            if result.first_failure is None:
+                result.first_failure = (result.runs + 1, time.perf_counter() - t0)
+            raise
+        result.runs += 1
+        for path, n in covered.items():
+            if n and path not in result.first_reached:
+                result.first_reached[path] = result.runs
+        result.coverage.update(covered)
+
+    quiet = logging.getLogger("chatd")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # the engine logs every injected fault
+    t0 = time.perf_counter()
+    try:
+        one()
+    finally:
+        result.seconds = time.perf_counter() - t0
+        quiet.setLevel(level)
+    return result
