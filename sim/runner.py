@@ -27,7 +27,7 @@ from sim.world import SimWorld
 
 #: Replies end within lease + sweep once their owner is gone, plus a 40-token
 #: reply still generating and its commit (as in the fuzzer).
-_LEASE, _TAKEOVER = 1.0, 0.3
+LEASE, TAKEOVER = 1.0, 0.3
 
 
 @functools.cache
@@ -35,8 +35,8 @@ def sim_config(*, peer: bool) -> Config:
     """The fuzzer's settings; the peer checkpoints its replies, the other does not."""
     streams: dict[str, Any] = {
         "commit_timeout": 15.0,
-        "lease": _LEASE,
-        "takeover_interval": _TAKEOVER,
+        "lease": LEASE,
+        "takeover_interval": TAKEOVER,
     }
     if peer:
         streams |= {"persistence": "checkpoint", "checkpoint_interval_ms": 100}
@@ -103,7 +103,7 @@ async def _simulate(program: list[Any], seed: int) -> Counter[str]:
             peer=peer,  # type: ignore[arg-type]
             nursery=nursery,
             run_id=f"{seed}",
-            bound=_LEASE + _TAKEOVER + 5.0,
+            bound=LEASE + TAKEOVER + 5.0,
             db=db,
             broker=broker,
         )

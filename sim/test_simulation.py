@@ -11,7 +11,18 @@ import os
 import pytest
 
 from chatd.adapters.memory_log import MemoryDatabase
-from fuzz.program import Heal, KillPeer, PausePeer, PeerReply, Reconnect, Reply, Send, Stop, Wait
+from fuzz.program import (
+    Heal,
+    KillPeer,
+    PausePeer,
+    PeerReply,
+    Reconnect,
+    Reply,
+    Send,
+    Slow,
+    Stop,
+    Wait,
+)
 from sim.coverage import PATHS
 from sim.runner import simulate
 from sim.session import explore
@@ -34,6 +45,20 @@ PINNED = [
             Send(c=1, conv=0),
             LoseAnswers(pct=55, ms=898),
             Reply(c=1, conv=0, tokens=25, fail_at=2),
+        ],
+        0,
+    ),
+    # A harness race: the Reconnect step's own close of a watcher was taken for
+    # the server dropping it, and the watcher reconnected twice.
+    (
+        [
+            Reconnect(c=0),
+            PeerReply(conv=0, tokens=2),
+            Slow(component="postgres", ms=100, latency_ms=41),
+            Wait(ms=51),
+            Send(c=0, conv=0),
+            KillPeer(),
+            Reconnect(c=0),
         ],
         0,
     ),

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from chatd.adapters.memory_connection import MemoryConnection
 from chatd.adapters.memory_log import MemoryDatabase
 from chatd.adapters.memory_transport import MemoryBroker
-from fuzz.program import CLIENTS, CONVS, Reconnect, Send, World, _step
+from fuzz.program import CLIENTS, CONVS, Break, Reconnect, Send, Slow, World, _step
 from fuzz.program import steps as fuzz_steps
 from sim.system import SimPeer, SimServer
 from tests.client import Client
@@ -84,7 +84,8 @@ class SimWorld(World):
 
     db: MemoryDatabase | None = None
     broker: MemoryBroker | None = None
-    answers_lost: bool = False
+    #: The chatd under test lost Postgres for a while (its lease may have lapsed).
+    postgres_faults: bool = False
     #: Watchers the server closed as slow consumers (and that reconnected).
     slow_drops: int = 0
     _dropped: list[MemoryConnection] = field(default_factory=list)
@@ -107,6 +108,14 @@ class SimWorld(World):
     async def _client(self, user: str) -> Client:
         return await self.sim_srv.process.connect(user)
 
+    async def _do_Break(self, step: Break, bg: trio.Nursery) -> None:
+        self.postgres_faults |= step.component == "postgres"
+        await super()._do_Break(step, bg)
+
+    async def _do_Slow(self, step: Slow, bg: trio.Nursery) -> None:
+        self.postgres_faults |= step.component == "postgres"
+        await super()._do_Slow(step, bg)
+
     async def _do_LosePubsub(self, step: LosePubsub, bg: trio.Nursery) -> None:
         assert self.broker is not None
         self.redis_faults = True
@@ -126,7 +135,7 @@ class SimWorld(World):
 
     async def _do_LoseAnswers(self, step: LoseAnswers, bg: trio.Nursery) -> None:
         assert self.db is not None
-        self.answers_lost = True
+        self.postgres_faults = True
         db = self.db
         db.answer_loss = step.pct / 100
 
@@ -166,11 +175,15 @@ class SimWorld(World):
             self._drop_seen = trio.Event()
             while self._dropped:
                 conn = self._dropped.pop(0)
-                for c, w in enumerate(self.watchers):
-                    if w.client.ws._server is conn:
+                for c in range(CLIENTS):
+                    # Under the watcher's lock: a Reconnect step in progress
+                    # (it closed this connection itself) replaces the watcher first.
+                    async with self._reconnecting[c]:
+                        if self.watchers[c].client.ws._server is not conn:
+                            continue
                         self.slow_drops += 1
                         await trio.sleep(0.01)  # it reads what came before the close
-                        await self._do_Reconnect(Reconnect(c=c), self.nursery)
+                        await super()._do_Reconnect(Reconnect(c=c), self.nursery)
             self._resumed.set()
 
     async def quiet(self) -> None:
