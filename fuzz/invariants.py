@@ -24,6 +24,13 @@ async def check(world: World) -> None:
     for conv in world.convs():
         acked = {s.mid: s.seq for s in world.sent if s.conv == conv and s.duplicate_of is None}
         rows_by_conv[conv] = await check_durable(srv, conv, acked)  # 1, 3, 8
+    await check_given_rows(world, rows_by_conv)
+
+
+async def check_given_rows(world: World, rows_by_conv: dict[str, list[dict[str, Any]]]) -> None:
+    """2, 4, 5, 6, 7: what follows from the stored rows (durable, gapless, as 1, 3
+    and 8 checked) and from what the clients saw; the simulator calls it too."""
+    srv = world.srv
     for s in world.sent:  # 4
         if s.duplicate_of is not None:
             assert s.seq == world.sent[s.duplicate_of].seq, f"retry of {s.mid} got a new seq"
