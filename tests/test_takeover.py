@@ -142,7 +142,10 @@ async def test_a_joiner_gets_the_checkpoint_when_redis_lost_the_partial(env: Env
     (inflight,) = [s for s in snap["streams"] if s["stream"] == stream]
     assert inflight["offset"] == 0 and len(inflight["text"]) > 0, "from the checkpoint"
     final, end = await joiner.follow(conv, stream, have=inflight["text"], timeout=20)
-    assert end["type"] == "stream.end" and end["status"] == "complete"
+    assert end["type"] == "stream.end"
+    # Complete, unless the process itself stalled past its 1 s lease (a busy CI
+    # machine): then it was fenced and its reply taken over, as it should be.
+    assert end["status"] == "complete" or run.engine.replies.custody.fenced, end
     (row,) = await _assistant(run, conv)
     assert row["text"] == final, "checkpoint + tail = the committed reply, no gap, no repeat"
 
