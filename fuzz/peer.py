@@ -108,11 +108,14 @@ class Peer:
             return
         proc, self._proc = self._proc, None
         self._up = trio.Event()
+        # Marked starting before the wait below: a request retrying meanwhile
+        # must wait for the new peer, not start a second one of its own (its
+        # replies would run on a process the harness no longer asks about).
+        self._starting = True
         proc.kill()
         await proc.wait()
         self.kills += 1
         self.last_fault_end = trio.current_time()
-        self._starting = True
         self._nursery.start_soon(self._start)
 
     async def pause(self, seconds: float) -> None:
