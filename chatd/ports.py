@@ -126,7 +126,10 @@ class Log(Protocol):
 
     async def take_orphans(self, taker: str) -> list[Orphan]:
         """Mark processes whose lease expired dead, and give every reply a dead process
-        owns to ``taker`` (atomically: two takers never get the same reply)."""
+        owns to ``taker`` (atomically: two takers never get the same reply). The
+        replies ``taker`` took before and has not ended yet come back too, so a
+        call whose answer was lost loses no reply: the caller skips the ones it
+        holds already."""
         ...
 
     async def inflight(self, convs: Sequence[str]) -> list[list[InFlight]]:

@@ -250,6 +250,11 @@ async def test_replies_in_flight_checkpoints_and_takeover(logs):
         (r2, c, "x"),
     ]
     assert await log.take_orphans(f"p-{uuid.uuid4().hex[:8]}") == [], "taken once"
+    # The taker asks again (as after a lost answer): what it took and has not
+    # ended comes back to it; a reply its owner registers meanwhile does not.
+    await other.register_replies(taker, [Registration(f"~{c}-3", c, meta)])
+    again = sorted(o.stream for o in await other.take_orphans(taker))
+    assert again == [r1, r2], "a taker finds again what it took"
     # The owner, waking late, can no longer append (it is not the owner).
     await log.checkpoint(owner, [Checkpoint(r1, 11, "!")])
     # The final commit removes the row in the same transaction; a failed reply is dropped.
@@ -257,4 +262,5 @@ async def test_replies_in_flight_checkpoints_and_takeover(logs):
     results, _ = await other.commit([msg], [], False, finished=[r1])
     assert results[0].message["status"] == "interrupted"
     await other.drop_reply(r2)
+    await other.drop_reply(f"~{c}-3")
     assert (await log.inflight([c]))[0] == []

@@ -226,3 +226,32 @@ async def test_the_taker_fences_a_live_owner_through_the_transport(env: Env, clo
     assert a.engine.replies.custody.fenced == 0, "the transport told it, not its lease"
     assert await b.engine.transport.read_partial(conv, stream) is None
     a.chaos.heal()
+
+
+async def test_a_takeover_whose_answer_was_lost_still_ends_the_reply(env: Env, clock):
+    """The takeover statement runs but its answer never comes back: the taker
+    holds the reply in the log without knowing it. It must find it again on
+    its next round, not leave it in flight forever."""
+    from chatd.errors import StoreUnavailable
+
+    model = {"fake_tokens": 400, "fake_token_rate": 20.0}
+    a, b, conv, watcher, stream, _ = await _watched_reply(env, FAST, model, "long", 5)
+    log = b.engine.replies.custody._log
+    take = log.take_orphans
+    lost: list[str] = []
+
+    async def _answer_lost(taker: str):
+        taken = await take(taker)
+        if taken and not lost:
+            lost.extend(o.stream for o in taken)
+            raise StoreUnavailable("postgres: connection lost after the statement ran")
+        return taken
+
+    log.take_orphans = _answer_lost
+    _cut_off(a)
+    end = await watcher.expect("stream.end", stream=stream, timeout=10)
+    assert stream in lost, "the first takeover's answer was lost"
+    assert end["status"] == "interrupted"
+    (row,) = await _assistant(b, conv)
+    assert row["id"] == stream and row["status"] == "interrupted"
+    assert (await b.engine.log.inflight([conv]))[0] == []

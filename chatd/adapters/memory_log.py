@@ -339,8 +339,8 @@ class MemoryLog:
             dead = {pid for pid, p in self.db.processes.items() if p[1]}
             out = []
             for stream, row in self.db.replies.items():
-                if row["owner"] in dead:
-                    row["owner"] = taker
+                if row["owner"] in dead or (row["owner"] == taker and row.get("taken")):
+                    row["owner"], row["taken"] = taker, True
                     out.append(Orphan(stream, row["conv"], orjson.loads(row["meta"]), row["body"]))
             return out
 

@@ -1,5 +1,5 @@
 """Postgres for replies in flight: process leases, reply rows, checkpoints, takeover
-(migration 0006). Functions run on the asyncio side, through the bridge."""
+(migrations 0006, 0007). Functions run on the asyncio side, through the bridge."""
 
 from __future__ import annotations
 
@@ -52,22 +52,24 @@ async def aio_checkpoint(pool: asyncpg.Pool, owner: str, pieces: Sequence[Checkp
 
 
 async def aio_take_orphans(pool: asyncpg.Pool, taker: str) -> list[Orphan]:
-    # One statement: processes past their lease are marked dead, and every reply
-    # a dead process owns changes hands. Row locks make two takers exclusive: the
-    # second re-checks the owner after the first committed, and skips.
+    # One statement, so its outcome is all or nothing: processes past their lease
+    # are marked dead, and every reply a dead process owns changes hands, marked
+    # taken. Row locks make two takers exclusive: the second re-checks the owner
+    # after the first committed, and skips. The taker's own taken rows come back
+    # too: if the answer to an earlier call was lost, they are found again here.
     rows = await pool.fetch(
         "WITH newly AS ("
         "  UPDATE chatd_processes SET dead = true"
         "  WHERE lease_until < now() AND NOT dead RETURNING id"
+        "), forgotten AS ("
+        "  DELETE FROM chatd_processes WHERE dead AND lease_until < now() - interval '1 day'"
         ") "
-        "UPDATE replies_in_flight AS r SET owner = $1, updated_at = now() "
+        "UPDATE replies_in_flight AS r SET owner = $1, taken = true, updated_at = now() "
         "WHERE r.owner IN (SELECT id FROM newly) "
         "   OR r.owner IN (SELECT id FROM chatd_processes WHERE dead) "
+        "   OR (r.owner = $1 AND r.taken) "
         "RETURNING r.stream_id, r.conv_id, r.meta, r.body",
         taker,
-    )
-    await pool.execute(
-        "DELETE FROM chatd_processes WHERE dead AND lease_until < now() - interval '1 day'"
     )
     return [Orphan(r["stream_id"], r["conv_id"], orjson.loads(r["meta"]), r["body"]) for r in rows]
 

@@ -206,7 +206,10 @@ class Custody:
         while True:
             await trio.sleep(self._cfg.takeover_interval)
             try:
-                pending += await self._log.take_orphans(self.process)
+                taken = await self._log.take_orphans(self.process)
             except Unavailable as exc:
                 log.debug("orphan sweep postponed: %s", exc)
+            else:
+                held = {o.stream for o in pending}
+                pending += [o for o in taken if o.stream not in held]
             pending = [o for o in pending if not await take_over(o)]
