@@ -290,6 +290,9 @@ class HttpConfig:
     header_timeout: float = 10.0
     keep_alive: float = 5.0
     max_body_bytes: int = 65536
+    #: Serve the chat page at / (and its files under /web/): a client like any
+    #: other (it needs a hello), for trying chatd and for the break-switch demo.
+    web: bool = True
     #: HTTP requests per second per client address, and in a burst; past them
     #: 429 with Retry-After (0: no limit). Behind a proxy every request comes
     #: from the proxy's address: raise them (or 0, and limit at the proxy).

@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry
 
 from chatd.chaos import COMPONENTS
 from chatd.http.metrics import CONTENT_TYPE, exposition
+from chatd.http.web import SECURITY_HEADERS, web_routes
 from chatd.limits import TokenBucket
 
 if TYPE_CHECKING:
@@ -62,6 +63,8 @@ class ChatdApp:
         self._cfg = server.config.http
         routes: dict[tuple[str, str], Callable[[bytes], Awaitable[tuple[int, bytes, bytes]]]]
         routes = {("GET", "/healthz"): self._healthz, ("GET", "/readyz"): self._readyz}
+        if self._cfg.web:
+            routes |= web_routes()
         if operator:
             routes |= {
                 ("GET", "/metrics"): self._metrics,
@@ -100,6 +103,7 @@ class ChatdApp:
             (b"content-type", ctype),
             (b"content-length", str(len(data)).encode()),
             (b"cache-control", b"no-store"),
+            *SECURITY_HEADERS,
             *extra,
         ]
         await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -135,6 +139,8 @@ class ChatdApp:
         path = scope["path"]
         if path in ("/healthz", "/readyz") or (path == "/metrics" and not self._cfg.metrics_auth):
             return
+        if path == "/" or path.startswith("/web/"):
+            return  # the page: what it shows needs a hello like any client
         token = self._cfg.operator_token
         if not token:
             raise HTTPError(403, "the operator API is off: set [http].operator_token")
