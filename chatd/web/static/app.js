@@ -118,14 +118,38 @@ function draw() {
   if (!chat || !current) return;
   const { messages, replies } = chat.conversation(current);
   const committed = new Set(messages.map((m) => m.id));
-  const items = messages.map((m) => bubble(m.id, m.user, m.role, m.text, m.status, false));
+  /** @type {[string, string, string, string, string, boolean][]} */
+  const want = messages.map((m) => [m.id, m.user, m.role, m.text, m.status, false]);
   for (const r of replies.values()) {
     // A reply shows as a live bubble until its message commits (then it is that
     // message); one that ended with nothing stored disappears.
     if (committed.has(r.stream) || r.error) continue;
-    items.push(bubble(r.stream, "assistant", "assistant", r.text, r.done ? r.status ?? "" : "", !r.done));
+    want.push([r.stream, "assistant", "assistant", r.text, r.done ? r.status ?? "" : "", !r.done]);
   }
-  $("messages").replaceChildren(...items);
+  // Keyed by id: a token changes one bubble's text, nothing else is rebuilt
+  // (and assistive technology hears additions, not the whole list again).
+  const list = $("messages");
+  /** @type {Map<string, HTMLElement>} */
+  const have = new Map();
+  for (const li of /** @type {HTMLElement[]} */ ([...list.children])) have.set(li.dataset.id ?? "", li);
+  let at = /** @type {Element|null} */ (list.firstElementChild);
+  for (const [id, user, role, text, status, streaming] of want) {
+    let li = have.get(id);
+    const key = `${role}|${status}|${streaming}`;
+    if (!li || li.dataset.key !== key) {
+      const fresh = bubble(id, user, role, text, status, streaming);
+      fresh.dataset.key = key;
+      if (li) li.replaceWith(fresh);
+      li = fresh;
+    } else {
+      const body = /** @type {HTMLElement} */ (li.querySelector(".text"));
+      if (body.textContent !== text) body.textContent = text;
+    }
+    have.delete(id);
+    if (li !== at) list.insertBefore(li, at);
+    at = li.nextElementSibling;
+  }
+  for (const li of have.values()) li.remove();
 }
 
 /**
