@@ -189,6 +189,8 @@ class _Sent:
     mid: str
     seq: int | None = None
     duplicate_of: int | None = None
+    #: A Resend of it was issued (without "reply": it may commit first).
+    resent: bool = False
 
 
 @dataclass
@@ -293,6 +295,11 @@ class World:
         if reply is not None and "stream" in answer:
             reply.id = answer["stream"]
             self.streams.append(reply)
+        elif reply is not None:
+            # Even when a first try's answer was lost and this retry is a
+            # duplicate, the process that answered it owes the reply; unless a
+            # Resend (which asks for none) committed the message first.
+            assert record.resent, f"{record.mid} asked for a reply; acked without: {answer}"
 
     async def _do_Send(self, step: Send, bg: trio.Nursery) -> None:
         rec = _Sent(self.conv(step.conv), f"m{next(self._ids)}")
@@ -304,6 +311,7 @@ class World:
         if not originals:
             return
         orig = originals[step.k % len(originals)]
+        orig.resent = True
         rec = _Sent(orig.conv, orig.mid, duplicate_of=self.sent.index(orig))
         self.sent.append(rec)
         bg.start_soon(self._send, step.c, rec, None)

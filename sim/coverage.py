@@ -26,6 +26,7 @@ PATHS = {
     "commit_retry": "a reply's final commit was retried through an outage",
     "lane_failure": "a batch of deltas failed to reach Redis and was retried",
     "duplicate_send": "a resent message id was answered with its original seq",
+    "owed_reply": "a retried send started the reply its first try could not",
     "vanished_reply": "a reply ended unseen (pub/sub cut); its followers got the end",
     "slow_consumer": "a client that stopped reading was closed (4008) and resumed",
     "paged_catchup": "a reconnect's catch-up came in pages (snapshots with more)",
@@ -49,6 +50,7 @@ def of_engine(engine: Engine) -> Counter[str]:
             "commit_retry": replies.runner.commit_retries,
             "lane_failure": replies.lane.failures,
             "duplicate_send": engine.committer.duplicates,
+            "owed_reply": replies.owed.paid,
             "vanished_reply": hub.counters.vanished_replies,
             "slow_consumer": engine.counters.slow_disconnects,
         }

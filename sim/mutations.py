@@ -67,6 +67,18 @@ MUTANTS = [m for m in FUZZ_MUTANTS if m.name in _FROM_FUZZ] + [
         ),
     ),
     Mutant(
+        "owed-forgotten",
+        "replies: a send answered unavailable (its outcome unknown) is not remembered, "
+        "so its retry, a duplicate, never starts the reply",
+        (
+            (
+                "chatd/engine/owed.py",
+                "            self.owe(msg.conv, msg.client_id)  # it may have committed\n",
+                "            pass  # PLANTED\n",
+            ),
+        ),
+    ),
+    Mutant(
         "resume-from-zero",
         "feed replies: a resubscribing client's stream offsets are ignored (text repeats)",
         (

@@ -284,6 +284,51 @@ async def test_the_reply_limit_is_answered_after_the_ack(env: Env, clock):
     assert err["code"] == "too_many_streams" and err["retryable"] is True
 
 
+async def test_a_retry_starts_the_reply_its_first_try_could_not(env: Env, clock):
+    """The commit of a send asking for a reply runs, but its answer is lost: the
+    client is told ``unavailable`` and retries with the same id, a duplicate.
+    The reply the first try never started starts then (once); so does one
+    refused at the reply limit when its send is retried."""
+    run = await env.start(streams={"max_streams": 1})
+    conv = env.conv()
+    c = await run.connect("alice")
+    await c.subscribe(conv)
+    log = run.engine.committer._log
+    commit = log.commit
+    lost: list[str] = []
+
+    async def _answer_lost(msgs, *args, **kwargs):
+        result = await commit(msgs, *args, **kwargs)
+        if not lost and any(m.client_id == "q" for m in msgs):
+            lost.append("q")
+            raise StoreUnavailable("postgres: connection lost after the statement ran")
+        return result
+
+    log.commit = _answer_lost
+    frame = {"op": "send", "conv": conv, "id": "q", "text": "hello", "reply": True}
+    first = await c.request(frame, "ack")
+    assert first["type"] == "error" and first["code"] == "unavailable", first
+    again = await c.request(frame, "ack")
+    assert again["duplicate"] is True and again["seq"] == 1 and "stream" in again, again
+    text, end = await c.follow(conv, again["stream"])
+    assert end["status"] == "complete" and len(text.split(" ")) == 20
+    third = await c.request(frame, "ack")
+    assert third["duplicate"] is True and "stream" not in third, "one reply per message"
+    # At the limit: acked without a reply; the retry after the slot frees starts it.
+    busy = await c.send_reply(conv, "long", "#tokens=60 #rate=50")
+    limited = {"op": "send", "conv": conv, "id": "q2", "text": "x", "reply": True, "ref": "z"}
+    await c.send(limited)
+    assert "stream" not in await c.expect("ack", id="q2")
+    assert (await c.expect("error", ref="z"))["code"] == "too_many_streams"
+    await c.follow(conv, busy["stream"])
+    with trio.fail_after(10):
+        while run.engine.replies.active:
+            await trio.sleep(0.05)
+    retried = await c.request({**limited, "ref": "y"}, "ack")
+    assert retried["duplicate"] is True and "stream" in retried, retried
+    assert run.engine.replies.owed.paid == 2
+
+
 # -- the relay -------------------------------------------------------------------
 
 

@@ -24,6 +24,12 @@ def starts_reply(outcome: Outcome) -> bool:
     return outcome.tag.wants_reply and not isinstance(result, Exception) and not result.duplicate
 
 
+def retries_a_reply(outcome: Outcome) -> bool:
+    """A duplicate of a send that asked for a reply (its reply may be owed)."""
+    result = outcome.result
+    return outcome.tag.wants_reply and not isinstance(result, Exception) and result.duplicate
+
+
 def ack(outcome: Outcome) -> dict[str, Any]:
     msg, result = outcome.msg, outcome.result
     assert not isinstance(result, Exception)

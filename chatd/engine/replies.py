@@ -29,6 +29,7 @@ from chatd.engine.committer import Committer
 from chatd.engine.custody import Custody
 from chatd.engine.hub import Hub
 from chatd.engine.lane import Lane
+from chatd.engine.owed import OwedReplies
 from chatd.engine.reply import REPLY_ID_PREFIX, Reply, now_ms
 from chatd.engine.reply_run import ReplyRunner
 from chatd.entropy import token_hex
@@ -78,6 +79,8 @@ class Replies:
         #: while it publishes its end).
         self.running = 0
         self.started = 0
+        #: Sends answered without their reply starting (a retry starts it).
+        self.owed = OwedReplies()
 
     # -- for sessions -----------------------------------------------------
 
@@ -123,6 +126,8 @@ class Replies:
             "streams_interrupted": runner.interrupted,
             "streams_failed": runner.failed,
             "streams_taken_over": runner.takeovers,
+            "streams_owed": len(self.owed),
+            "streams_started_by_retry": self.owed.paid,
             "lane_deltas": self.lane.deltas,
             "lane_failures": self.lane.failures,
             "stream_commit_retries": runner.commit_retries,

@@ -38,6 +38,7 @@ import trio
 from chatd.config import LimitsConfig, ServerConfig
 from chatd.engine import answers
 from chatd.engine.ops import OPS, SendTag, Services
+from chatd.engine.replies import ShuttingDown
 from chatd.errors import Unavailable
 from chatd.histogram import ACK_SECONDS, Histogram
 from chatd.identity import Identity
@@ -400,6 +401,9 @@ class Session:
         if self._answered is not None:
             self._answered.set()
         self._count_answer(outcome)
+        # A retry whose first try's reply never started starts it now.
+        if outcome.tag.wants_reply and self.services.replies.owed.settle(outcome) and not last:
+            return True
         if answers.starts_reply(outcome):
             if not last:
                 return True
@@ -430,6 +434,9 @@ class Session:
                 outcome.msg.conv, frame["seq"], tag.prompt, user=self.user, owner=self.id
             )
         except (ProtocolError, Unavailable) as why:
+            if not isinstance(why, ShuttingDown):
+                # Committed, no reply: a retry of the send may start it.
+                self.services.replies.owed.owe(outcome.msg.conv, outcome.msg.client_id)
             for f in answers.no_reply(outcome, why):
                 self.reply(f, tag.ref)
             return
