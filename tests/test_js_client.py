@@ -45,7 +45,18 @@ async def test_the_javascript_client_against_a_real_chatd(nursery, postgres, red
         model={"fake_tokens": 60, "fake_token_rate": 60.0},
     )
     srv = await nursery.start(serve, config)
-    env = {**os.environ, "CHATD_URL": srv.url}
+    # A second chatd in JWT mode (no leeway, so a token's expiry is exact).
+    secret = "js-client-test-secret-0123456789abcdef"
+    jwt_srv = await nursery.start(
+        serve,
+        make_config(postgres, redis_server, auth={"mode": "jwt", "secret": secret, "leeway": 0.0}),
+    )
+    env = {
+        **os.environ,
+        "CHATD_URL": srv.url,
+        "CHATD_JWT_URL": jwt_srv.url,
+        "CHATD_JWT_SECRET": secret,
+    }
     with trio.fail_after(120):
         done = await trio.run_process(
             [*node, "--test", "--test-reporter=spec", str(JS / "test")],
