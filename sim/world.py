@@ -3,7 +3,8 @@
 The steps, the clients and what they were told are :class:`fuzz.program.World`'s
 own; only the system under them differs (``sim/system.py``), plus faults the
 memory adapters can inject and real servers cannot on demand: pub/sub
-messages lost, Redis restarting empty, commit answers lost after the commit.
+messages lost or late, subscriptions confirmed late, Redis restarting empty,
+commit answers lost after the commit.
 """
 
 from __future__ import annotations
@@ -28,6 +29,24 @@ class LosePubsub:
     """For ``ms``, each pub/sub message is lost with probability ``pct`` %."""
 
     pct: int
+    ms: int
+
+
+@_step
+class DelayPubsub:
+    """For ``ms``, every pub/sub message reaches its subscribers ``delay_ms`` late
+    (in order: a slow network or a busy Redis; nothing is lost)."""
+
+    delay_ms: int
+    ms: int
+
+
+@_step
+class LateConfirms:
+    """For ``ms``, each SUBSCRIBE is confirmed ``delay_ms`` late; nothing on that
+    connection overtakes the confirmation."""
+
+    delay_ms: int
     ms: int
 
 
@@ -67,6 +86,8 @@ def steps() -> st.SearchStrategy[Any]:
     c = st.integers(0, CLIENTS - 1)
     return fuzz_steps() | st.one_of(
         st.builds(LosePubsub, pct=st.integers(10, 100), ms=st.integers(50, 1500)),
+        st.builds(DelayPubsub, delay_ms=st.integers(1, 500), ms=st.integers(50, 1500)),
+        st.builds(LateConfirms, delay_ms=st.integers(1, 1000), ms=st.integers(50, 1500)),
         st.just(RestartRedis()),
         st.builds(LoseAnswers, pct=st.integers(10, 100), ms=st.integers(50, 1500)),
         st.builds(Stall, c=c, ms=st.integers(50, 1500)),
@@ -116,17 +137,31 @@ class SimWorld(World):
         self.postgres_faults |= step.component == "postgres"
         await super()._do_Slow(step, bg)
 
+    @staticmethod
+    def _knob(bg: trio.Nursery, obj: Any, name: str, value: float, ms: int) -> None:
+        """Set a memory server's fault knob for ``ms``, then back to 0."""
+        setattr(obj, name, value)
+
+        async def _restore() -> None:
+            await trio.sleep(ms / 1000)
+            setattr(obj, name, 0.0)
+
+        bg.start_soon(_restore)
+
     async def _do_LosePubsub(self, step: LosePubsub, bg: trio.Nursery) -> None:
         assert self.broker is not None
         self.redis_faults = True
-        broker = self.broker
-        broker.drop_rate = step.pct / 100
+        self._knob(bg, self.broker, "drop_rate", step.pct / 100, step.ms)
 
-        async def _restore() -> None:
-            await trio.sleep(step.ms / 1000)
-            broker.drop_rate = 0.0
+    # Late is not lost: these leave redis_faults off, so a reply followed live
+    # to its end must still have arrived whole.
+    async def _do_DelayPubsub(self, step: DelayPubsub, bg: trio.Nursery) -> None:
+        assert self.broker is not None
+        self._knob(bg, self.broker, "delay", step.delay_ms / 1000, step.ms)
 
-        bg.start_soon(_restore)
+    async def _do_LateConfirms(self, step: LateConfirms, bg: trio.Nursery) -> None:
+        assert self.broker is not None
+        self._knob(bg, self.broker, "confirm_delay", step.delay_ms / 1000, step.ms)
 
     async def _do_RestartRedis(self, step: RestartRedis, bg: trio.Nursery) -> None:
         assert self.broker is not None
@@ -136,14 +171,7 @@ class SimWorld(World):
     async def _do_LoseAnswers(self, step: LoseAnswers, bg: trio.Nursery) -> None:
         assert self.db is not None
         self.postgres_faults = True
-        db = self.db
-        db.answer_loss = step.pct / 100
-
-        async def _restore() -> None:
-            await trio.sleep(step.ms / 1000)
-            db.answer_loss = 0.0
-
-        bg.start_soon(_restore)
+        self._knob(bg, self.db, "answer_loss", step.pct / 100, step.ms)
 
     async def _do_Stall(self, step: Stall, bg: trio.Nursery) -> None:
         w = self.watchers[step.c]

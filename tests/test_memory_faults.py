@@ -57,3 +57,24 @@ async def test_a_lost_pubsub_message_cuts_its_subscriber_who_then_resubscribes()
         assert [m.kind for m in await sub.receive(0.1)] == ["subscribe"]
     await pub.publish("c", '{"n":2}')
     assert [(m.kind, m.data) for m in await sub.receive(0.1)] == [("message", '{"n":2}')]
+
+
+async def test_late_messages_and_late_confirmations_keep_the_connection_in_order(autojump_clock):
+    broker = MemoryBroker(seed=1)
+    t, other = MemoryTransport(broker, Chaos()), MemoryTransport(broker, Chaos())
+    broker.confirm_delay = 0.5
+    t.want("c")
+    t0 = trio.current_time()
+    assert await t.receive(0.1) == [], "the confirmation is not due yet"
+    await other.publish("c", "early")  # after the SUBSCRIBE: it follows the confirmation
+    got = await t.receive(2.0)
+    assert [(m.kind, m.data) for m in got] == [("subscribe", ""), ("message", "early")]
+    assert trio.current_time() - t0 >= 0.5
+    broker.confirm_delay, broker.delay = 0.0, 0.3
+    t1 = trio.current_time()
+    await other.publish("c", "one")
+    broker.delay = 0.0  # a later, faster message does not overtake
+    await other.publish("c", "two")
+    got = await t.receive(2.0)
+    assert [m.data for m in got] == ["one", "two"]
+    assert trio.current_time() - t1 >= 0.3

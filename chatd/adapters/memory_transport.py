@@ -45,6 +45,12 @@ class MemoryBroker:
         #: network): a lost message cuts that subscriber, which notices on its
         #: next ``receive`` and re-subscribes.
         self.drop_rate = 0.0
+        #: Seconds each message takes to reach a subscriber (a slow network or a
+        #: busy Redis), and extra seconds before a SUBSCRIBE is confirmed. A
+        #: connection stays in order, as TCP keeps it: nothing overtakes a
+        #: confirmation or an earlier message.
+        self.delay = 0.0
+        self.confirm_delay = 0.0
         self.rng = random.Random(seed)
 
     def publish(self, chan: str, msg: BusMessage) -> None:
@@ -93,7 +99,9 @@ class MemoryTransport:
         self.subscribed: set[str] = set()
         self._connected = False
         self._broken = False
-        self._inbox: deque[BusMessage] = deque()
+        #: (when it reaches this client, message), in arrival order.
+        self._inbox: deque[tuple[float, BusMessage]] = deque()
+        self._last_at = 0.0
         self._wakeup = trio.Event()
 
     async def _call(self, fn: Any, *args: Any) -> Any:
@@ -199,8 +207,10 @@ class MemoryTransport:
     def unwant(self, conv: str) -> None:
         self._wanted.discard(conv)
 
-    def _arrive(self, msg: BusMessage) -> None:
-        self._inbox.append(msg)
+    def _arrive(self, msg: BusMessage, delay: float | None = None) -> None:
+        at = trio.current_time() + (self.broker.delay if delay is None else delay)
+        self._last_at = at = max(at, self._last_at)
+        self._inbox.append((at, msg))
         self._wakeup.set()
 
     def _cut(self) -> None:
@@ -214,6 +224,7 @@ class MemoryTransport:
             subs.discard(self)
         self.subscribed.clear()
         self._inbox.clear()
+        self._last_at = 0.0
         self._connected = False
 
     async def receive(self, wait: float) -> list[BusMessage]:
@@ -229,13 +240,17 @@ class MemoryTransport:
                     self._broken = False
                     raise BusUnavailable("redis: ConnectionError: connection lost")
                 self._sync()
-                if self._inbox:
-                    out = list(self._inbox)
-                    self._inbox.clear()
+                now = trio.current_time()
+                out = []
+                while self._inbox and self._inbox[0][0] <= now:
+                    out.append(self._inbox.popleft()[1])
+                if out:
                     return out
-                if trio.current_time() >= deadline:
+                if now >= deadline:
                     return []
-                with trio.move_on_at(deadline):
+                # Until the next message is due, or something new arrives.
+                due = self._inbox[0][0] if self._inbox else deadline
+                with trio.move_on_at(min(due, deadline)):
                     await self._wakeup.wait()
                 self._wakeup = trio.Event()
         except trio.Cancelled:
@@ -252,7 +267,7 @@ class MemoryTransport:
         for conv in self._wanted - self.subscribed:
             b.subscribers.setdefault(conv, set()).add(self)
             self.subscribed.add(conv)
-            self._inbox.append(BusMessage("subscribe", conv))
+            self._arrive(BusMessage("subscribe", conv), b.delay + b.confirm_delay)
         for conv in self.subscribed - self._wanted:
             subs = b.subscribers.get(conv)
             if subs is not None:
