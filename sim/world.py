@@ -43,8 +43,9 @@ class DelayPubsub:
 
 @_step
 class LateConfirms:
-    """For ``ms``, each SUBSCRIBE is confirmed ``delay_ms`` late; nothing on that
-    connection overtakes the confirmation."""
+    """For ``ms``, each SUBSCRIBE takes effect (and is confirmed) ``delay_ms`` late,
+    as when the command reaches Redis late: what is published meanwhile does
+    not reach that subscriber."""
 
     delay_ms: int
     ms: int
@@ -153,8 +154,9 @@ class SimWorld(World):
         self.redis_faults = True
         self._knob(bg, self.broker, "drop_rate", step.pct / 100, step.ms)
 
-    # Late is not lost: these leave redis_faults off, so a reply followed live
-    # to its end must still have arrived whole.
+    # Neither loses anything the engine cannot recover (a confirmation is the
+    # engine's cue to re-read), so both leave redis_faults off: a reply
+    # followed live to its end must still arrive whole.
     async def _do_DelayPubsub(self, step: DelayPubsub, bg: trio.Nursery) -> None:
         assert self.broker is not None
         self._knob(bg, self.broker, "delay", step.delay_ms / 1000, step.ms)

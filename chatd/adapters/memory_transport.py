@@ -46,10 +46,12 @@ class MemoryBroker:
         #: next ``receive`` and re-subscribes.
         self.drop_rate = 0.0
         #: Seconds each message takes to reach a subscriber (a slow network or a
-        #: busy Redis), and extra seconds before a SUBSCRIBE is confirmed. A
-        #: connection stays in order, as TCP keeps it: nothing overtakes a
-        #: confirmation or an earlier message.
+        #: busy Redis). A connection stays in order, as TCP keeps it: nothing
+        #: overtakes a confirmation or an earlier message.
         self.delay = 0.0
+        #: Extra seconds before a SUBSCRIBE takes effect (the command reaches
+        #: Redis late): what is published meanwhile is not delivered to it, and
+        #: its confirmation comes when it takes effect.
         self.confirm_delay = 0.0
         self.rng = random.Random(seed)
 
@@ -102,6 +104,8 @@ class MemoryTransport:
         #: (when it reaches this client, message), in arrival order.
         self._inbox: deque[tuple[float, BusMessage]] = deque()
         self._last_at = 0.0
+        #: Channels subscribed to but not in effect yet: when they take effect.
+        self._activating: dict[str, float] = {}
         self._wakeup = trio.Event()
 
     async def _call(self, fn: Any, *args: Any) -> Any:
@@ -223,6 +227,7 @@ class MemoryTransport:
         for subs in self.broker.subscribers.values():
             subs.discard(self)
         self.subscribed.clear()
+        self._activating.clear()
         self._inbox.clear()
         self._last_at = 0.0
         self._connected = False
@@ -248,8 +253,10 @@ class MemoryTransport:
                     return out
                 if now >= deadline:
                     return []
-                # Until the next message is due, or something new arrives.
-                due = self._inbox[0][0] if self._inbox else deadline
+                # Until the next message is due or subscription takes effect,
+                # or something new arrives.
+                due = min([self._inbox[0][0]] if self._inbox else [deadline])
+                due = min([due, *self._activating.values()])
                 with trio.move_on_at(min(due, deadline)):
                     await self._wakeup.wait()
                 self._wakeup = trio.Event()
@@ -264,10 +271,17 @@ class MemoryTransport:
         if not self._connected:
             self._connected = True
             b.subscribers.setdefault(_CONTROL, set()).add(self)
-        for conv in self._wanted - self.subscribed:
-            b.subscribers.setdefault(conv, set()).add(self)
-            self.subscribed.add(conv)
-            self._arrive(BusMessage("subscribe", conv), b.delay + b.confirm_delay)
+        now = trio.current_time()
+        for conv in self._wanted - self.subscribed - self._activating.keys():
+            self._activating[conv] = now + b.confirm_delay
+        for conv, at in list(self._activating.items()):
+            if conv not in self._wanted:
+                del self._activating[conv]
+            elif at <= now:
+                del self._activating[conv]
+                b.subscribers.setdefault(conv, set()).add(self)
+                self.subscribed.add(conv)
+                self._arrive(BusMessage("subscribe", conv))
         for conv in self.subscribed - self._wanted:
             subs = b.subscribers.get(conv)
             if subs is not None:
