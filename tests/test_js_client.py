@@ -8,36 +8,17 @@ can); on Node 20 its WebSocket is behind ``--experimental-websocket``.
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
-import trio
 
 from chatd.server import serve
 from tests.conftest import make_config
-
-JS = Path(__file__).resolve().parent.parent / "clients" / "js"
-
-
-def _node() -> list[str]:
-    node = shutil.which("node")
-    if node is None:
-        pytest.fail("the JavaScript client's tests need Node.js >= 20.10 on PATH (node not found)")
-    version = subprocess.run([node, "--version"], capture_output=True, text=True, check=True)
-    major, minor = (int(x) for x in version.stdout.strip().lstrip("v").split(".")[:2])
-    if (major, minor) < (20, 10):
-        pytest.fail(f"the JavaScript client's tests need Node.js >= 20.10, not {version.stdout}")
-    has_ws = subprocess.run(
-        [node, "-e", "process.exit(typeof WebSocket === 'function' ? 0 : 1)"], check=False
-    )
-    return [node] if has_ws.returncode == 0 else [node, "--experimental-websocket"]
+from tests.node import JS, node, run_node_tests
 
 
 async def test_the_javascript_client_against_a_real_chatd(nursery, postgres, redis_server):
-    node = _node()
+    node()
     config = make_config(
         postgres,
         redis_server,
@@ -51,25 +32,8 @@ async def test_the_javascript_client_against_a_real_chatd(nursery, postgres, red
         serve,
         make_config(postgres, redis_server, auth={"mode": "jwt", "secret": secret, "leeway": 0.0}),
     )
-    env = {
-        **os.environ,
-        "CHATD_URL": srv.url,
-        "CHATD_JWT_URL": jwt_srv.url,
-        "CHATD_JWT_SECRET": secret,
-    }
-    with trio.fail_after(120):
-        done = await trio.run_process(
-            [*node, "--test", "--test-reporter=spec", str(JS / "test")],
-            env=env,
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
-    out = done.stdout.decode(errors="replace") + done.stderr.decode(errors="replace")
-    print(out)
-    assert done.returncode == 0, f"node --test failed:\n{out}"
-    assert "\N{INFORMATION SOURCE} fail 0" in out, out  # node's spec reporter
-    assert "\N{INFORMATION SOURCE} pass 0" not in out, out
+    env = {"CHATD_URL": srv.url, "CHATD_JWT_URL": jwt_srv.url, "CHATD_JWT_SECRET": secret}
+    await run_node_tests(JS / "test", env, 120)
 
 
 def test_the_javascript_client_type_checks():
@@ -78,7 +42,7 @@ def test_the_javascript_client_type_checks():
     tsc = JS / "node_modules" / ".bin" / "tsc"
     if not tsc.exists():
         pytest.fail(f"{tsc} is missing: run ./quickstart setup (it runs npm ci in clients/js)")
-    _node()
+    node()
     done = subprocess.run(
         ["npm", "run", "-s", "check"], cwd=JS, capture_output=True, text=True, check=False
     )
