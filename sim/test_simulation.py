@@ -12,6 +12,7 @@ import pytest
 
 from chatd.adapters.memory_log import MemoryDatabase
 from fuzz.program import (
+    Break,
     Heal,
     KillPeer,
     PausePeer,
@@ -32,6 +33,22 @@ EXAMPLES = int(os.environ.get("SIM_EXAMPLES", "3000"))
 
 #: Programs that once failed, with the seed that made them fail.
 PINNED = [
+    # A taker could not seize the partial (its Redis blipped) and committed the
+    # older checkpoint: shorter than what a watcher had already been shown.
+    # Fixed: a takeover waits for Redis (bounded) before settling for less.
+    (
+        [
+            PeerReply(conv=0, tokens=21),
+            Wait(ms=137),
+            PausePeer(ms=750),
+            Wait(ms=65),
+            Wait(ms=400),
+            Break(component="postgres", ms=201),
+            Reconnect(c=0),
+            Break(component="redis", ms=199),
+        ],
+        0,
+    ),
     # A reply the model failed ended while a watcher's pub/sub was cut: its
     # stream.error was lost and the watcher never learned the reply ended.
     # Fixed: a resync ends replies that left the log unseen (code "ended").

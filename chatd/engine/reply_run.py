@@ -45,6 +45,9 @@ log = logging.getLogger("chatd.replies")
 
 #: How long a finished reply waits for its last frames to reach the transport.
 _END_WAIT = 2.0
+#: How long a takeover waits for Redis to answer before it commits an orphan
+#: with its checkpoint alone (which may be behind what its clients saw).
+_SEIZE_PATIENCE = 30.0
 
 
 class ReplyRunner:
@@ -77,6 +80,8 @@ class ReplyRunner:
         self.completed = 0
         self.failed = 0
         self.interrupted = 0
+        #: Orphans whose partial could not be seized yet: since when.
+        self._unseized: dict[str, float] = {}
         self.commit_retries = 0
         self.takeovers = 0
 
@@ -239,7 +244,13 @@ class ReplyRunner:
             # more of it: what the partial holds now is all anyone was sent.
             partial = await self._transport.seize_partial(o.conv, o.stream, self._cfg.partial_ttl)
         except Unavailable:
+            # Redis may hold more than the checkpoint (clients may have seen
+            # it): try again next round, for a while, before settling for less.
+            since = self._unseized.setdefault(o.stream, trio.current_time())
+            if trio.current_time() - since < _SEIZE_PATIENCE:
+                return False
             partial = None
+        self._unseized.pop(o.stream, None)
         if partial is not None and len(partial) > len(text):
             text = partial  # both are prefixes of the same reply: the longer knows more
         meta = o.meta

@@ -320,7 +320,10 @@ export class ChatdClient extends EventTarget {
   _scheduleRefresh(expiresIn) {
     if (!this.options.getToken || !expiresIn) return;
     const getToken = this.options.getToken;
-    // Refresh at 80% of the lifetime, on the live connection.
+    // Refresh at 80% of the lifetime, on the live connection; expires_in is
+    // rounded to the second, so half a second is taken off first, and at most
+    // one refresh a second.
+    const delay = Math.max(1000, (expiresIn - 0.5) * 800);
     this._refreshTimer = setTimeout(async () => {
       try {
         const answer = await this._request({ op: "refresh", token: await getToken() }, "refreshed");
@@ -328,7 +331,7 @@ export class ChatdClient extends EventTarget {
       } catch (err) {
         this._emit("error", { code: "refresh_failed", message: String(err) });
       }
-    }, expiresIn * 800);
+    }, delay);
   }
 
   _startWatchdog() {
