@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from chatd.config_checks import ConfigError, validate
+from chatd.config_checks import ConfigError, coerce, validate
 
 __all__ = ["ConfigError", "as_dict", "config_from_dict", "load_config"]
 
@@ -305,6 +305,30 @@ class HttpConfig:
 
 
 @dataclass(frozen=True)
+class DurableConfig:
+    """Durable Streams (the HTTP protocol of seed 004) at ``/v1/stream/``."""
+
+    #: Serve Durable Streams; false: /v1/stream/ answers 404.
+    enabled: bool = True
+    #: A long-poll read with nothing to return answers 204 after this many seconds.
+    long_poll_timeout: float = 20.0
+    #: An SSE response is ended after this long (the client reconnects from its
+    #: offset): lets proxies and CDNs collapse readers, as the protocol advises.
+    sse_max_seconds: float = 60.0
+    #: Largest append (or initial PUT body); past it 413.
+    max_append_bytes: int = 1048576
+    #: Largest catch-up response body; the rest comes on the next read.
+    read_chunk_bytes: int = 1048576
+    #: Browser origins allowed by CORS ("*": every origin). Access is by bearer
+    #: token, never by cookie, so a page of another origin gains nothing it
+    #: could not do with the token itself.
+    cors_origins: tuple[str, ...] = ("*",)
+    #: Expired streams are deleted this often (they answer 404 from the moment
+    #: they expire).
+    expiry_sweep_interval: float = 30.0
+
+
+@dataclass(frozen=True)
 class ChaosConfig:
     #: The break switch (`chatd chaos`, POST /chaos/...); off unless enabled.
     enabled: bool = False
@@ -334,6 +358,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     streams: StreamsConfig = field(default_factory=StreamsConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    durable: DurableConfig = field(default_factory=DurableConfig)
     chaos: ChaosConfig = field(default_factory=ChaosConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -365,42 +390,6 @@ _MOVED = {
 }
 
 
-def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
-    name = f"[{section}].{key}"
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{name} must be true or false, got {value!r}")
-        return value
-    if isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name} must be an integer, got {value!r}")
-        if value < 0:
-            raise ConfigError(f"{name} must not be negative, got {value!r}")
-        return value
-    if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{name} must be a number, got {value!r}")
-        if value < 0:
-            raise ConfigError(f"{name} must not be negative, got {value!r}")
-        return float(value)
-    if isinstance(default, str):
-        if not isinstance(value, str):
-            raise ConfigError(f"{name} must be a string, got {value!r}")
-        return value
-    if isinstance(default, tuple):
-        # A list of integers when the default holds integers, else of strings.
-        if default and isinstance(default[0], int):
-            if not isinstance(value, list) or not all(
-                isinstance(v, int) and not isinstance(v, bool) for v in value
-            ):
-                raise ConfigError(f"{name} must be a list of integers, got {value!r}")
-            return tuple(value)
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{name} must be a list of strings, got {value!r}")
-        return tuple(value)
-    raise AssertionError(f"unsupported config type for {name}")  # pragma: no cover
-
-
 def config_from_dict(data: Mapping[str, Any]) -> Config:
     """Build a :class:`Config` from parsed TOML, rejecting unknown keys by name."""
     sections: dict[str, Any] = {}
@@ -419,7 +408,7 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
                 moved = _MOVED.get((section, key))
                 hint = f" (it moved to {moved})" if moved else ""
                 raise ConfigError(f"unknown config key [{section}].{key}{hint}")
-            kwargs[key] = _coerce(section, key, value, getattr(defaults, key))
+            kwargs[key] = coerce(section, key, value, getattr(defaults, key))
         sections[section] = cls(**kwargs)
     config = Config(**sections)
     validate(config)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from chatd.config import Config
@@ -185,6 +185,20 @@ def validate(config: Config) -> None:
         (config.http.request_burst >= 1, "[http].request_burst must be at least 1"),
         (config.http.readiness_interval > 0, "[http].readiness_interval must be positive"),
         (config.http.probe_timeout > 0, "[http].probe_timeout must be positive"),
+        (config.durable.long_poll_timeout > 0, "[durable].long_poll_timeout must be positive"),
+        (config.durable.sse_max_seconds > 0, "[durable].sse_max_seconds must be positive"),
+        (
+            config.durable.max_append_bytes >= 1024,
+            "[durable].max_append_bytes must be at least 1024",
+        ),
+        (
+            config.durable.read_chunk_bytes >= 1024,
+            "[durable].read_chunk_bytes must be at least 1024",
+        ),
+        (
+            config.durable.expiry_sweep_interval > 0,
+            "[durable].expiry_sweep_interval must be positive",
+        ),
         (config.log.level in _LOG_LEVELS, f"[log].level must be one of {', '.join(_LOG_LEVELS)}"),
         (config.log.format in ("text", "json"), '[log].format must be "text" or "json"'),
     ]
@@ -206,3 +220,40 @@ def operator_address(text: str, worker: int = 0) -> tuple[str, int]:
     assert parsed is not None, "validated at load"
     host, port = parsed
     return host, port + worker if port else 0
+
+
+def coerce(section: str, key: str, value: Any, default: Any) -> Any:
+    """A TOML value as the type of its key's default, or ConfigError naming the key."""
+    name = f"[{section}].{key}"
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        if value < 0:
+            raise ConfigError(f"{name} must not be negative, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        if value < 0:
+            raise ConfigError(f"{name} must not be negative, got {value!r}")
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+        return value
+    if isinstance(default, tuple):
+        # A list of integers when the default holds integers, else of strings.
+        if default and isinstance(default[0], int):
+            if not isinstance(value, list) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value
+            ):
+                raise ConfigError(f"{name} must be a list of integers, got {value!r}")
+            return tuple(value)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{name} must be a list of strings, got {value!r}")
+        return tuple(value)
+    raise AssertionError(f"unsupported config type for {name}")  # pragma: no cover

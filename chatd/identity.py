@@ -68,6 +68,8 @@ class Grants:
     operator: bool = False
     #: Every conversation, read and write (anonymous mode).
     everything: bool = False
+    #: (Durable Streams path or "prefix*", rights), as the claim's "streams" listed them.
+    streams: tuple[tuple[str, str], ...] = ()
     _exact: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
     _prefixes: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
     _memo: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -99,6 +101,16 @@ class Grants:
             self._memo[conv] = out
         return out
 
+    def stream_rights(self, path: str) -> str:
+        """The rights on the Durable Stream at ``path`` (``streams`` patterns)."""
+        if self.everything:
+            return "rw"
+        out = ""
+        for pattern, rights in self.streams:
+            if path == pattern or (pattern.endswith("*") and path.startswith(pattern[:-1])):
+                out = merge_rights(out, rights)
+        return out
+
     @classmethod
     def from_claim(cls, claim: Any) -> Grants:
         """Grants from a token's claim: ``{"convs": {"c1": "rw", "team-*": "r"}, "operator": true}``."""
@@ -112,17 +124,28 @@ class Grants:
                 f"the grants claim's 'convs' must be an object of at most {_MAX_PATTERNS} "
                 "conversation ids or prefixes"
             )
-        pairs = []
-        for pattern, rights in convs.items():
-            if not pattern or not isinstance(rights, str) or not set(rights) <= {"r", "w"}:
-                raise IdentityError(
-                    f"grant {pattern!r}: rights must be 'r', 'w' or 'rw', got {rights!r}"
-                )
-            pairs.append((pattern, merge_rights(rights, "")))
+        pairs = _patterns(convs)
+        streams = claim.get("streams", {})
+        if not isinstance(streams, dict) or len(streams) > _MAX_PATTERNS:
+            raise IdentityError(
+                f"the grants claim's 'streams' must be an object of at most {_MAX_PATTERNS} "
+                "stream paths or prefixes"
+            )
         operator = claim.get("operator", False)
         if not isinstance(operator, bool):
             raise IdentityError("the grants claim's 'operator' must be true or false")
-        return cls(tuple(pairs), operator)
+        return cls(tuple(pairs), operator, streams=tuple(_patterns(streams)))
+
+
+def _patterns(grants: dict[Any, Any]) -> list[tuple[str, str]]:
+    pairs = []
+    for pattern, rights in grants.items():
+        if not pattern or not isinstance(rights, str) or not set(rights) <= {"r", "w"}:
+            raise IdentityError(
+                f"grant {pattern!r}: rights must be 'r', 'w' or 'rw', got {rights!r}"
+            )
+        pairs.append((pattern, merge_rights(rights, "")))
+    return pairs
 
 
 @dataclass(frozen=True)

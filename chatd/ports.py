@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
+from chatd.durable.model import Append, AppendPlan, Create, StreamRow
 from chatd.records import (
     BusMessage,
     Checkpoint,
@@ -214,6 +215,39 @@ class Transport(Protocol):
         ...
 
     async def ping(self) -> bool: ...
+
+
+class StreamStore(Protocol):
+    """Durable Streams' storage (Postgres, or :mod:`chatd.adapters.memory_durable`).
+
+    Each method is atomic; the protocol's refusals are raised as
+    :class:`~chatd.durable.model.DSError` (404 missing or expired, 410
+    deleted with forks alive, 409, 400), outages as ``StoreUnavailable``.
+    ``now`` is wall-clock seconds (TTLs and expiry times are wall-clock).
+    """
+
+    async def create(self, path: str, req: Create, now: float) -> tuple[bool, StreamRow]:
+        """Create the stream (True), or find it with the same configuration (False)."""
+        ...
+
+    async def append(self, path: str, req: Append, now: float) -> AppendPlan:
+        """Apply :func:`~chatd.durable.model.plan_append` atomically; its plan."""
+        ...
+
+    async def head(self, path: str, now: float) -> StreamRow: ...
+
+    async def read(
+        self, path: str, pos: int | None, max_bytes: int, now: float
+    ) -> tuple[StreamRow, list[tuple[int, int, bytes]]]:
+        """The stream and its chunks from position ``pos`` (None: the tail), the
+        first cut to start there, about ``max_bytes`` in all; renews a TTL."""
+        ...
+
+    async def delete(self, path: str, now: float) -> None: ...
+
+    async def sweep(self, now: float) -> int:
+        """Delete expired streams; how many."""
+        ...
 
 
 class Connection(Protocol):

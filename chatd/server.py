@@ -33,11 +33,13 @@ from trio_websocket import WebSocketRequest
 from chatd.adapters.bridge import open_bridge
 from chatd.adapters.keys import open_keys
 from chatd.adapters.postgres import PostgresLog, open_postgres_log
+from chatd.adapters.postgres_durable import PostgresStreams
 from chatd.adapters.redis_transport import RedisTransport, open_redis_transport
 from chatd.adapters.websocket import WsAcceptor, WsConnection, handshake_headers
 from chatd.chaos import Chaos
 from chatd.config import Config, ConfigError, ServerConfig
 from chatd.config_checks import operator_address
+from chatd.durable.http import DurableHTTP
 from chatd.embedded import EmbeddedServices
 from chatd.embedded.supervisor import EmbeddedWatch
 from chatd.engine.engine import Engine, open_engine
@@ -176,7 +178,8 @@ async def _serve(
             model=model,
             chaos=chaos,
             shutdown=shutdown,
-            verifier=_verifier(config, keys),
+            verifier=(verifier := _verifier(config, keys)),
+            streams=PostgresStreams(bridge, pglog.pool, pglog.reads),
         ) as engine,
         trio.open_nursery() as handlers,
     ):
@@ -199,7 +202,12 @@ async def _serve(
                         public,
                         handlers,
                         server.http,
-                        ChatdApp(server, registry, operator=not config.http.operator_listen),
+                        ChatdApp(
+                            server,
+                            registry,
+                            operator=not config.http.operator_listen,
+                            durable=_durable_http(config, engine, verifier),
+                        ),
                         WsAcceptor(
                             partial(_session, server),
                             handler_nursery=handlers,
@@ -292,6 +300,19 @@ def _tls(cfg: ServerConfig) -> ssl.SSLContext | None:
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"[server].tls_cert / tls_key: {exc}") from None
     return context
+
+
+def _durable_http(
+    config: Config, engine: Engine, verifier: TokenVerifier | None
+) -> DurableHTTP | None:
+    if engine.streams is None:
+        return None
+    return DurableHTTP(
+        engine.streams,
+        anonymous=config.auth.mode == "anonymous",
+        verify=verifier.verify if verifier is not None else None,
+        write_timeout=config.limits.write_timeout,
+    )
 
 
 def _verifier(config: Config, keys: KeySource) -> TokenVerifier | None:

@@ -97,6 +97,7 @@ def mint(
     convs: dict[str, str] | None = None,
     operator: bool = False,
     ttl: float = 3600.0,
+    streams: dict[str, str] | None = None,
 ) -> str:
     """An HMAC-signed token for ``user`` (``chatd token``; tests). Production tokens
     come from the application's backend, which holds the secret or private key."""
@@ -110,6 +111,8 @@ def mint(
     if cfg.audience:
         claims["aud"] = cfg.audience
     grants: dict[str, object] = {"convs": dict(convs or {})}
+    if streams:
+        grants["streams"] = dict(streams)
     if operator:
         grants["operator"] = True
     claims[cfg.grants_claim] = grants

@@ -139,4 +139,4 @@ async def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.
 
 
 from tests.engine_env import clock, env, kind, servers  # noqa: E402, F401  (fixtures)
-from tests.ports import contract_dsn, logs, transports  # noqa: E402, F401  (fixtures)
+from tests.ports import contract_dsn, logs, stream_stores, transports  # noqa: E402, F401  (fixtures)

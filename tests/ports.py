@@ -14,9 +14,11 @@ from typing import Any
 import pytest
 
 from chatd.adapters.bridge import open_bridge
+from chatd.adapters.memory_durable import MemoryStreams
 from chatd.adapters.memory_log import MemoryDatabase, MemoryLog
 from chatd.adapters.memory_transport import MemoryBroker, MemoryTransport
 from chatd.adapters.postgres import open_postgres_log
+from chatd.adapters.postgres_durable import PostgresStreams
 from chatd.adapters.redis_transport import open_redis_transport
 from chatd.chaos import Chaos
 from chatd.config import PostgresConfig, RedisConfig
@@ -78,3 +80,17 @@ async def transports(request: Any, redis_server: Any) -> AsyncIterator[tuple[Any
             )
             handles.append(await stack.enter_async_context(open_redis_transport(bridge, cfg)))
         yield handles[0], handles[1], chaos
+
+
+@pytest.fixture(params=["memory", "postgres"])
+async def stream_stores(request: Any, contract_dsn: str) -> AsyncIterator[Any]:
+    """A Durable Streams store: in memory, or in the contract tests' Postgres."""
+    if request.param == "memory":
+        yield MemoryStreams()
+        return
+    cfg = PostgresConfig(dsn=contract_dsn, command_timeout=2.0, pool_min=1, pool_max=4)
+    async with (
+        open_bridge(Chaos(), postgres_timeout=2.0, redis_timeout=1.0, kind=TEST_BRIDGE) as bridge,
+        open_postgres_log(bridge, cfg) as pglog,
+    ):
+        yield PostgresStreams(bridge, pglog.pool, pglog.reads)

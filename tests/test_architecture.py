@@ -35,6 +35,8 @@ BOTTOM = [
     "identity",
     "limits",
     "tokens",
+    # Durable Streams' rules: pure functions, shared by both stores and the HTTP face.
+    "durable.model",
 ]
 #: "Under ~400 lines": a little slack, so the rule bites only on real growth.
 MAX_LINES = 450
@@ -97,7 +99,9 @@ def test_the_bottom_layer_depends_on_nothing_above_it():
         above = {
             i
             for i in _imports(modules[mod])
-            if i.startswith("chatd.") and i.removeprefix("chatd.").split(".")[0] not in BOTTOM
+            if i.startswith("chatd.")
+            and i.removeprefix("chatd.") not in BOTTOM
+            and i.removeprefix("chatd.").split(".")[0] not in BOTTOM
         }
         if above:
             offenders[mod] = sorted(above)

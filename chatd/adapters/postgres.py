@@ -219,6 +219,8 @@ class PostgresLog:
         # their turn here, outside the call's deadline (a queue is not an
         # outage), so commits, the relay and leases always find a connection.
         self._reads = trio.Semaphore(cfg.reads_in_flight)
+        #: The same bound, for the other readers of this pool (Durable Streams).
+        self.reads = self._reads
 
     async def commit(
         self,

@@ -28,6 +28,7 @@ import trio
 
 from chatd.chaos import Chaos
 from chatd.config import Config
+from chatd.durable.service import Streams, open_streams
 from chatd.engine.access import Access, open_access
 from chatd.engine.committer import Committer, open_committer
 from chatd.engine.gate import Gate
@@ -39,7 +40,7 @@ from chatd.engine.session import Session, SessionCounters
 from chatd.errors import Unavailable
 from chatd.limits import RefusalLog
 from chatd.model import Model
-from chatd.ports import Connection, Log, Transport
+from chatd.ports import Connection, Log, StreamStore, Transport
 from chatd.protocol import Limits
 from chatd.records import OutboxEvent
 from chatd.shutdown import ShutdownClock
@@ -49,6 +50,8 @@ log = logging.getLogger("chatd.engine")
 
 #: Control messages waiting for the replies service.
 _CONTROL_QUEUE = 256
+#: Durable stream wakes from the transport waiting for the streams service.
+_DURABLE_WAKES = 10_000
 
 
 @dataclass
@@ -64,6 +67,8 @@ class Engine:
     access: Access
     gate: Gate
     shutdown: ShutdownClock
+    #: Durable Streams ([durable]), when the server has a store for them.
+    streams: Streams | None = None
     sessions: set[Session] = field(default_factory=set)
     counters: SessionCounters = field(default_factory=SessionCounters)
 
@@ -185,6 +190,7 @@ async def open_engine(
     chaos: Chaos,
     shutdown: ShutdownClock,
     verifier: TokenVerifier | None = None,
+    streams: StreamStore | None = None,
 ) -> AsyncIterator[Engine]:
     """Run the engine's services for the duration of the block.
 
@@ -195,6 +201,7 @@ async def open_engine(
         config.relay.publish_queue
     )
     control_send, control_receive = trio.open_memory_channel[str](_CONTROL_QUEUE)
+    wake_send, wake_receive = trio.open_memory_channel[str](_DURABLE_WAKES)
     async with (
         open_committer(
             log,
@@ -213,7 +220,9 @@ async def open_engine(
             config.retry,
             control=control_send,
             checkpoints=config.streams.persistence == "checkpoint",
+            durable=wake_send if streams is not None else None,
         ) as hub,
+        _maybe_streams(streams, transport, config, wake_receive) as durable,
         open_access(log, config.auth) as access,
         open_replies(
             config.streams,
@@ -232,5 +241,30 @@ async def open_engine(
         reserved = (config.streams.assistant_user,)
         gate = Gate(config.server, config.auth, config.limits, verifier, reserved)
         yield Engine(
-            config, chaos, log, transport, committer, relay, hub, replies, access, gate, shutdown
+            config,
+            chaos,
+            log,
+            transport,
+            committer,
+            relay,
+            hub,
+            replies,
+            access,
+            gate,
+            shutdown,
+            durable,
         )
+
+
+@asynccontextmanager
+async def _maybe_streams(
+    store: StreamStore | None,
+    transport: Transport,
+    config: Config,
+    wakes: trio.MemoryReceiveChannel[str],
+) -> AsyncIterator[Streams | None]:
+    if store is None or not config.durable.enabled:
+        yield None
+        return
+    async with open_streams(store, transport, config.durable, wakes) as streams:
+        yield streams

@@ -48,6 +48,10 @@ from chatd.records import split_events
 
 log = logging.getLogger("chatd.hub")
 
+#: A durable stream's transport channel is its path after this: conversation
+#: ids have no "/", so the two never meet (chatd.durable.service).
+DURABLE_CHANNEL = "/"
+
 _STREAM_KINDS = frozenset({"stream.start", "delta", "stream.end", "stream.error"})
 #: How long one receive waits for the first message before asking again.
 _RECEIVE_WAIT = 1.0
@@ -73,6 +77,7 @@ class Hub:
         retry: RetryConfig,
         control: trio.MemorySendChannel[str],
         loader: Loader,
+        durable: trio.MemorySendChannel[str] | None = None,
     ) -> None:
         self._log = log
         self.loader = loader
@@ -80,6 +85,7 @@ class Hub:
         self._cfg = cfg
         self._retry = retry
         self._control = control
+        self._durable = durable
         self._requests, self._incoming = trio.open_memory_channel[_Member](math.inf)
         #: Conversation -> its feed; only the membership task adds and removes.
         self.feeds: dict[str, Feed] = {}
@@ -180,6 +186,7 @@ class Hub:
                 # Anything published while we were away is in the log.
                 for feed in self.feeds.values():
                     feed.put_member(Resync())
+                self._wake_durable("")
             self.bus_healthy = True
             backoff.reset()
             for msg in batch:
@@ -192,6 +199,10 @@ class Hub:
             except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
                 log.warning("control message dropped: its queue is full")
             return
+        if conv.startswith(DURABLE_CHANNEL):
+            # A durable stream changed (or its channel is live now): its readers look again.
+            self._wake_durable(conv[len(DURABLE_CHANNEL) :])
+            return
         feed = self.feeds.get(conv)
         if feed is None:
             return
@@ -200,6 +211,15 @@ class Hub:
             return
         for line in split_events(data):
             self._route_event(feed, line)
+
+    def _wake_durable(self, path: str) -> None:
+        """Hand a wake to the Durable Streams service ("": every stream)."""
+        if self._durable is None:
+            return
+        try:
+            self._durable.send_nowait(path)
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            log.warning("durable stream wake dropped: its queue is full")
 
     def _route_event(self, feed: Feed, data: str) -> None:
         try:
@@ -240,6 +260,7 @@ async def open_hub(
     *,
     control: trio.MemorySendChannel[str],
     checkpoints: bool = False,
+    durable: trio.MemorySendChannel[str] | None = None,
 ) -> AsyncIterator[Hub]:
     """Route the transport's events to local subscribers for the duration of the block.
 
@@ -249,7 +270,7 @@ async def open_hub(
         open_loader(log, transport, cfg, checkpoints=checkpoints) as loader,
         trio.open_nursery() as nursery,
     ):
-        hub = Hub(log, transport, cfg, retry, control, loader)
+        hub = Hub(log, transport, cfg, retry, control, loader, durable)
         nursery.start_soon(hub._membership, name="hub membership")
         nursery.start_soon(hub._router, name="hub router")
         yield hub

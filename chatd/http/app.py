@@ -30,6 +30,8 @@ import orjson
 from prometheus_client import CollectorRegistry
 
 from chatd.chaos import COMPONENTS
+from chatd.durable.http import PREFIX as DURABLE_PREFIX
+from chatd.durable.http import DurableHTTP
 from chatd.http.metrics import CONTENT_TYPE, exposition
 from chatd.http.web import SECURITY_HEADERS, web_routes
 from chatd.limits import TokenBucket
@@ -57,8 +59,16 @@ class HTTPError(Exception):
 class ChatdApp:
     """One ASGI app; ``operator`` says whether this listener serves the operator routes."""
 
-    def __init__(self, server: Server, registry: CollectorRegistry, *, operator: bool) -> None:
+    def __init__(
+        self,
+        server: Server,
+        registry: CollectorRegistry,
+        *,
+        operator: bool,
+        durable: DurableHTTP | None = None,
+    ) -> None:
         self._server = server
+        self._durable = durable
         self._registry = registry
         self._cfg = server.config.http
         routes: dict[tuple[str, str], Callable[[bytes], Awaitable[tuple[int, bytes, bytes]]]]
@@ -88,8 +98,11 @@ class ChatdApp:
         method = scope["method"]
         head = method == "HEAD"
         extra: list[tuple[bytes, bytes]] = []
+        wait = self._spend(scope)
+        if not wait and self._durable is not None and scope["path"].startswith(DURABLE_PREFIX):
+            await self._durable(scope, receive, send)
+            return
         try:
-            wait = self._spend(scope)
             if wait:
                 extra.append((b"retry-after", str(math.ceil(wait)).encode()))
                 raise HTTPError(429, "too many requests from this address: retry later")

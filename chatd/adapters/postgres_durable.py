@@ -1,0 +1,313 @@
+"""Durable Streams on PostgreSQL (migration 0008): the :class:`~chatd.ports.StreamStore`.
+
+Each operation is one crossing of the bridge and one transaction: an append
+locks its stream's row (``FOR UPDATE``), which serializes every writer of the
+stream, producers included, and commits the data, the new tail and the
+producer's state together — so a retried append is never stored twice, and an
+acknowledged one is on disk. Creates and deletes also take a transaction-scoped
+advisory lock on the path, so two racing PUTs of one path agree.
+
+The protocol's rules are :mod:`chatd.durable.model`'s; functions prefixed
+``_aio_`` run on the asyncio side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+import asyncpg
+import orjson
+import trio
+
+from chatd.adapters.bridge import Bridge
+from chatd.durable.model import (
+    Append,
+    AppendPlan,
+    Create,
+    DSError,
+    Producer,
+    StreamRow,
+    check_create,
+    chunk_body,
+    fork_chunks,
+    fork_position,
+    new_stream,
+    plan_append,
+    same_config,
+    window,
+)
+
+Chunk = tuple[int, int, bytes]
+_ROW = (
+    "id, path, content_type, ttl, expires_at, closed, tail, touched, closed_by, "
+    "stream_seq, fork_of, fork_pos, deleted, refs"
+)
+#: Rows one read fetches at most (the byte budget usually stops it sooner).
+_READ_ROWS = 10_000
+
+
+def _row(r: asyncpg.Record) -> StreamRow:
+    closed_by = r["closed_by"]
+    return StreamRow(
+        id=r["id"],
+        path=r["path"],
+        content_type=r["content_type"],
+        ttl=r["ttl"],
+        expires_at=r["expires_at"],
+        closed=r["closed"],
+        tail=r["tail"],
+        touched=r["touched"],
+        closed_by=tuple(orjson.loads(closed_by)) if closed_by else None,  # type: ignore[arg-type]
+        stream_seq=r["stream_seq"],
+        fork_of=r["fork_of"],
+        fork_pos=r["fork_pos"],
+        deleted=r["deleted"],
+        refs=r["refs"],
+    )
+
+
+async def _find(
+    con: asyncpg.Connection, path: str, now: float, *, lock: bool = False
+) -> StreamRow | None:
+    """The stream at ``path`` (soft-deleted included); an expired one is deleted first."""
+    r = await con.fetchrow(
+        f"SELECT {_ROW} FROM ds_streams WHERE path = $1" + (" FOR UPDATE" if lock else ""), path
+    )
+    if r is None:
+        return None
+    row = _row(r)
+    if not row.deleted and row.expired(now):
+        await _delete(con, row)
+        r = await con.fetchrow(f"SELECT {_ROW} FROM ds_streams WHERE path = $1", path)
+        return None if r is None else _row(r)
+    return row
+
+
+async def _live(con: asyncpg.Connection, path: str, now: float, *, lock: bool) -> StreamRow:
+    row = await _find(con, path, now, lock=lock)
+    if row is None:
+        raise DSError(404, f"no stream at {path}")
+    if row.deleted:
+        raise DSError(410, f"the stream at {path} was deleted")
+    return row
+
+
+async def _delete(con: asyncpg.Connection, row: StreamRow) -> None:
+    """Remove ``row`` (soft-delete it while forks read it); cascade to a soft-deleted source."""
+    while True:
+        refs = await con.fetchval("SELECT refs FROM ds_streams WHERE id = $1 FOR UPDATE", row.id)
+        if refs is None:
+            return
+        if refs > 0:
+            await con.execute("UPDATE ds_streams SET deleted = true WHERE id = $1", row.id)
+            return
+        await con.execute("DELETE FROM ds_streams WHERE id = $1", row.id)
+        if row.fork_of is None:
+            return
+        r = await con.fetchrow(
+            f"UPDATE ds_streams SET refs = refs - 1 WHERE path = $1 RETURNING {_ROW}", row.fork_of
+        )
+        if r is None:
+            return
+        source = _row(r)
+        if not (source.deleted and source.refs == 0):
+            return
+        row = source
+
+
+async def _insert_chunks(con: asyncpg.Connection, sid: int, chunks: Sequence[Chunk]) -> None:
+    if chunks:
+        await con.execute(
+            "INSERT INTO ds_chunks (stream_id, pos, stop, data) "
+            "SELECT $1, * FROM unnest($2::bigint[], $3::bigint[], $4::bytea[])",
+            sid,
+            [c[0] for c in chunks],
+            [c[1] for c in chunks],
+            [c[2] for c in chunks],
+        )
+
+
+async def _chunks(
+    con: asyncpg.Connection, sid: int, pos: int, stop: int, max_bytes: int | None
+) -> list[Chunk]:
+    """The chunks of stream ``sid`` ending in ``(pos, stop]``, about ``max_bytes`` of them."""
+    if max_bytes is None:
+        rows = await con.fetch(
+            "SELECT pos, stop, data FROM ds_chunks WHERE stream_id = $1 AND stop > $2 "
+            "AND pos < $3 ORDER BY stop",
+            sid,
+            pos,
+            stop,
+        )
+    else:
+        # Stop once the bytes before a row reach the budget (window() trims exactly).
+        rows = await con.fetch(
+            "SELECT pos, stop, data FROM (SELECT pos, stop, data, "
+            "sum(octet_length(data)) OVER (ORDER BY stop) - octet_length(data) AS before "
+            "FROM ds_chunks WHERE stream_id = $1 AND stop > $2 AND pos < $3 "
+            "ORDER BY stop LIMIT $5) c WHERE before < $4 ORDER BY stop",
+            sid,
+            pos,
+            stop,
+            max_bytes,
+            _READ_ROWS,
+        )
+    return [(r["pos"], r["stop"], bytes(r["data"])) for r in rows]
+
+
+async def _aio_create(
+    pool: asyncpg.Pool, path: str, req: Create, now: float
+) -> tuple[bool, StreamRow]:
+    check_create(req)
+    async with pool.acquire() as con, con.transaction():
+        await con.execute("SELECT pg_advisory_xact_lock(hashtext($1))", path)
+        row = await _find(con, path, now, lock=True)
+        if row is not None:
+            if row.deleted:
+                raise DSError(409, f"{path} was deleted and cannot be created again yet")
+            if not same_config(row, req):
+                raise DSError(409, f"a stream with another configuration exists at {path}")
+            return False, row
+        source = None
+        chunks: list[Chunk] = []
+        if req.fork_of is not None:
+            source = await _find(con, req.fork_of, now, lock=True)
+            if source is None:
+                raise DSError(404, f"no source stream at {req.fork_of}")
+            if source.deleted:
+                raise DSError(409, f"the source stream {req.fork_of} was deleted")
+        row = new_stream(0, path, req, now, source)
+        if source is not None:
+            pos = fork_position(source, req)
+            chunks = fork_chunks(await _chunks(con, source.id, 0, pos, None), pos)
+            row = replace(row, tail=pos, fork_pos=pos)
+            await con.execute("UPDATE ds_streams SET refs = refs + 1 WHERE id = $1", source.id)
+        body = chunk_body(row, req.body, allow_empty=True)
+        if body:
+            row = replace(row, tail=body[-1][1])
+        row = replace(row, closed=req.closed)
+        sid = await con.fetchval(
+            "INSERT INTO ds_streams (path, content_type, ttl, expires_at, closed, tail, touched, "
+            "fork_of, fork_pos) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
+            path,
+            row.content_type,
+            row.ttl,
+            row.expires_at,
+            row.closed,
+            row.tail,
+            now,
+            row.fork_of,
+            row.fork_pos,
+        )
+        await _insert_chunks(con, sid, chunks + body)
+        return True, replace(row, id=sid)
+
+
+async def _aio_append(pool: asyncpg.Pool, path: str, req: Append, now: float) -> AppendPlan:
+    async with pool.acquire() as con, con.transaction():
+        row = await _live(con, path, now, lock=True)
+        producer = None
+        if req.producer is not None:
+            r = await con.fetchrow(
+                "SELECT epoch, seq FROM ds_producers WHERE stream_id = $1 AND producer_id = $2",
+                row.id,
+                req.producer[0],
+            )
+            producer = None if r is None else Producer(r["epoch"], r["seq"])
+        plan = plan_append(row, producer, req, now)
+        if plan.changed:
+            await _insert_chunks(con, row.id, plan.chunks)
+            new = plan.row
+            await con.execute(
+                "UPDATE ds_streams SET tail = $2, touched = $3, closed = $4, closed_by = $5, "
+                "stream_seq = $6 WHERE id = $1",
+                row.id,
+                new.tail,
+                new.touched,
+                new.closed,
+                orjson.dumps(new.closed_by).decode() if new.closed_by else None,
+                new.stream_seq,
+            )
+        if plan.producer is not None and req.producer is not None:
+            await con.execute(
+                "INSERT INTO ds_producers (stream_id, producer_id, epoch, seq) "
+                "VALUES ($1, $2, $3, $4) ON CONFLICT (stream_id, producer_id) "
+                "DO UPDATE SET epoch = EXCLUDED.epoch, seq = EXCLUDED.seq",
+                row.id,
+                req.producer[0],
+                plan.producer.epoch,
+                plan.producer.seq,
+            )
+        return plan
+
+
+async def _aio_head(pool: asyncpg.Pool, path: str, now: float) -> StreamRow:
+    async with pool.acquire() as con, con.transaction():
+        return await _live(con, path, now, lock=False)
+
+
+async def _aio_read(
+    pool: asyncpg.Pool, path: str, pos: int | None, max_bytes: int, now: float
+) -> tuple[StreamRow, list[Chunk]]:
+    async with pool.acquire() as con, con.transaction():
+        row = await _live(con, path, now, lock=False)
+        if row.ttl is not None:  # a read renews a sliding TTL
+            await con.execute("UPDATE ds_streams SET touched = $2 WHERE id = $1", row.id, now)
+            row = replace(row, touched=now)
+        if pos is None or pos >= row.tail:
+            return row, []
+        # Chunks past the tail read above are left for the next read: the
+        # answer's data and its Stream-Next-Offset agree.
+        return row, window(await _chunks(con, row.id, pos, row.tail, max_bytes), pos, max_bytes)
+
+
+async def _aio_delete(pool: asyncpg.Pool, path: str, now: float) -> None:
+    async with pool.acquire() as con, con.transaction():
+        await con.execute("SELECT pg_advisory_xact_lock(hashtext($1))", path)
+        row = await _live(con, path, now, lock=True)
+        await _delete(con, row)
+
+
+async def _aio_sweep(pool: asyncpg.Pool, now: float) -> int:
+    rows = await pool.fetch(
+        "SELECT path FROM ds_streams WHERE NOT deleted AND "
+        "(expires_at <= $1 OR touched + ttl <= $1) LIMIT 1000",
+        now,
+    )
+    for r in rows:
+        async with pool.acquire() as con, con.transaction():
+            await _find(con, r["path"], now, lock=True)  # deletes it if it is still expired
+    return len(rows)
+
+
+class PostgresStreams:
+    """Durable Streams in Postgres; every call crosses the bridge once."""
+
+    def __init__(self, bridge: Bridge, pool: asyncpg.Pool, reads: trio.Semaphore) -> None:
+        self._bridge = bridge
+        self._pool = pool
+        #: Shared with the log's reads, so streams cannot take every connection.
+        self._reads = reads
+
+    async def create(self, path: str, req: Create, now: float) -> tuple[bool, StreamRow]:
+        return await self._bridge.postgres(_aio_create, self._pool, path, req, now)
+
+    async def append(self, path: str, req: Append, now: float) -> AppendPlan:
+        return await self._bridge.postgres(_aio_append, self._pool, path, req, now)
+
+    async def head(self, path: str, now: float) -> StreamRow:
+        async with self._reads:
+            return await self._bridge.postgres(_aio_head, self._pool, path, now)
+
+    async def read(
+        self, path: str, pos: int | None, max_bytes: int, now: float
+    ) -> tuple[StreamRow, list[Chunk]]:
+        async with self._reads:
+            return await self._bridge.postgres(_aio_read, self._pool, path, pos, max_bytes, now)
+
+    async def delete(self, path: str, now: float) -> None:
+        await self._bridge.postgres(_aio_delete, self._pool, path, now)
+
+    async def sweep(self, now: float) -> int:
+        return await self._bridge.postgres(_aio_sweep, self._pool, now, deadline=30.0)

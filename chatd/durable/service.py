@@ -1,0 +1,184 @@
+"""The Durable Streams service: the store, and live readers woken by chatd's fan-out.
+
+A live read (long-poll or SSE) takes a :meth:`Streams.ticket` for its stream
+before it reads, and waits on it when it found nothing new. A ticket is set
+when the stream changes:
+
+* here, at once, by the append (or close, or delete) that changed it;
+* in every other chatd process, through the transport: the change is
+  published (batched, by this service's publisher task) on the stream's
+  channel, which the hub routes back here;
+* everywhere, when the transport may have lost something: when this process's
+  subscription to the stream's channel is confirmed (a change published
+  before it was live would be missed), and when pub/sub reconnects.
+
+A woken reader reads the store again, so a wake can be lost or repeated
+without losing or repeating data: the store is the truth, the transport only
+says "look again". Readers never poll Postgres.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import trio
+
+from chatd.config import DurableConfig
+from chatd.durable.model import Append, AppendPlan, Create, StreamRow
+from chatd.engine.hub import DURABLE_CHANNEL as CHANNEL
+from chatd.errors import Unavailable
+from chatd.ports import StreamStore, Transport
+
+log = logging.getLogger("chatd.durable")
+
+#: Wakes waiting to be published; past it they are dropped (readers in other
+#: processes then see the change at their next wake or timeout, never lose it).
+_PUBLISH_QUEUE = 10_000
+_WAKE = '{"type":"wake"}'
+
+
+class Streams:
+    """Owned by :func:`open_streams`."""
+
+    def __init__(
+        self,
+        store: StreamStore,
+        transport: Transport,
+        cfg: DurableConfig,
+        publish: trio.MemorySendChannel[str],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.cfg = cfg
+        self._transport = transport
+        self._publish = publish
+        #: Wall-clock seconds: TTLs and Stream-Expires-At are wall-clock times.
+        self.now = clock
+        self._tickets: dict[str, trio.Event] = {}
+        self._readers: dict[str, int] = {}
+        self.appends = 0
+        self.wakes_sent = 0
+        self.wakes_received = 0
+        self.wakes_dropped = 0
+
+    # -- writes ---------------------------------------------------------------
+
+    async def create(self, path: str, req: Create) -> tuple[bool, StreamRow]:
+        created, row = await self.store.create(path, req, self.now())
+        if created:
+            self._changed(path)
+        return created, row
+
+    async def append(self, path: str, req: Append) -> AppendPlan:
+        plan = await self.store.append(path, req, self.now())
+        self.appends += 1
+        if plan.changed:
+            self._changed(path)
+        return plan
+
+    async def delete(self, path: str) -> None:
+        await self.store.delete(path, self.now())
+        self._changed(path)
+
+    def _changed(self, path: str) -> None:
+        self._wake(path)
+        try:
+            self._publish.send_nowait(path)
+        except trio.WouldBlock:
+            self.wakes_dropped += 1
+
+    # -- live readers ---------------------------------------------------------
+
+    def ticket(self, path: str) -> trio.Event:
+        """Set at the next change of ``path`` (take it before reading)."""
+        event = self._tickets.get(path)
+        if event is None:
+            event = self._tickets[path] = trio.Event()
+        return event
+
+    @asynccontextmanager
+    async def reading(self, path: str) -> AsyncIterator[None]:
+        """A live reader of ``path`` is here: its channel is subscribed while any is."""
+        count = self._readers.get(path, 0)
+        self._readers[path] = count + 1
+        if count == 0:
+            self._transport.want(CHANNEL + path)
+        try:
+            yield
+        finally:
+            self._readers[path] -= 1
+            if self._readers[path] == 0:
+                del self._readers[path]
+                self._transport.unwant(CHANNEL + path)
+                self._tickets.pop(path, None)
+
+    def _wake(self, path: str) -> None:
+        event = self._tickets.pop(path, None)
+        if event is not None:
+            event.set()
+
+    def _wake_all(self) -> None:
+        tickets, self._tickets = self._tickets, {}
+        for event in tickets.values():
+            event.set()
+
+    # -- tasks ------------------------------------------------------------------
+
+    async def _receive(self, wakes: trio.MemoryReceiveChannel[str]) -> None:
+        """Wakes the hub routes here: a path, or "" when anything may have been missed."""
+        async for path in wakes:
+            self.wakes_received += 1
+            if path:
+                self._wake(path)
+            else:
+                self._wake_all()
+
+    async def _publisher(self, outgoing: trio.MemoryReceiveChannel[str]) -> None:
+        """Publish changes to the other processes, every path waiting in one call."""
+        async for first in outgoing:
+            paths = {first}
+            while True:
+                try:
+                    paths.add(outgoing.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            try:
+                await self._transport.publish_events([(CHANNEL + p, _WAKE) for p in paths])
+                self.wakes_sent += len(paths)
+            except Unavailable as exc:
+                # Readers elsewhere resync when their pub/sub comes back.
+                self.wakes_dropped += len(paths)
+                log.debug("wakes not published: %s", exc)
+
+    async def _sweeper(self) -> None:
+        while True:
+            await trio.sleep(self.cfg.expiry_sweep_interval)
+            try:
+                gone = await self.store.sweep(self.now())
+            except Unavailable as exc:
+                log.warning("expired streams not swept: %s", exc)
+                continue
+            if gone:
+                log.info("deleted %d expired streams", gone)
+
+
+@asynccontextmanager
+async def open_streams(
+    store: StreamStore,
+    transport: Transport,
+    cfg: DurableConfig,
+    wakes: trio.MemoryReceiveChannel[str],
+    clock: Callable[[], float] = time.time,
+) -> AsyncIterator[Streams]:
+    """Run the service for the duration of the block. ``wakes``: what the hub routes here."""
+    publish_send, publish_receive = trio.open_memory_channel[str](_PUBLISH_QUEUE)
+    streams = Streams(store, transport, cfg, publish_send, clock)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(streams._receive, wakes, name="durable wakes")
+        nursery.start_soon(streams._publisher, publish_receive, name="durable publisher")
+        nursery.start_soon(streams._sweeper, name="durable expiry")
+        yield streams
+        nursery.cancel_scope.cancel()

@@ -1,0 +1,172 @@
+"""Durable Streams over HTTP on a real chatd (its own PostgreSQL and Redis).
+
+The official conformance suite (``conformance/``, pinned in its
+package-lock.json) runs against chatd; the other tests prove what the suite
+cannot see: live readers woken across processes by chatd's fan-out (never by
+polling), readers that survive a Redis outage, and access by token grants.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from chatd.chaos import Chaos
+from chatd.server import serve
+from chatd.tokens import mint
+from tests.conftest import make_config
+from tests.node import node
+
+CONFORMANCE = Path(__file__).resolve().parent.parent / "conformance"
+#: Tests the suite runs by default (0.3.6); the 6 subscription tests are optional.
+SUITE_TESTS = 332
+
+
+def _config(postgres, redis_server, **durable):
+    return make_config(
+        postgres,
+        redis_server,
+        http={"requests_per_second": 0, "max_connections": 1024},
+        durable={"long_poll_timeout": 0.5, **durable},
+    )
+
+
+async def test_the_official_conformance_suite_passes(nursery, postgres, redis_server, tmp_path):
+    node()
+    vitest = CONFORMANCE / "node_modules" / ".bin" / "vitest"
+    if not vitest.exists():
+        pytest.fail(f"{vitest} is missing: run ./quickstart setup (npm ci in conformance/)")
+    srv = await nursery.start(serve, _config(postgres, redis_server))
+    results = tmp_path / "results.json"
+    with trio.fail_after(300):
+        done = await trio.run_process(
+            [str(vitest), "run", "--reporter=json", f"--outputFile={results}"],
+            cwd=CONFORMANCE,
+            env={**os.environ, "DS_BASE_URL": srv.http_url, "DS_LONG_POLL_MS": "20000"},
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    report = json.loads(results.read_text())
+    failed = [
+        t["fullName"]
+        for f in report["testResults"]
+        for t in f["assertionResults"]
+        if t["status"] == "failed"
+    ]
+    assert not failed, f"conformance tests failed: {failed}\n{done.stderr.decode()[-3000:]}"
+    assert report["numPassedTests"] == SUITE_TESTS, report["numPassedTests"]
+
+
+async def _long_poll(http: httpx.AsyncClient, path: str, at: str) -> httpx.Response:
+    return await http.get(path, params={"offset": at, "live": "long-poll"})
+
+
+async def test_a_long_poll_is_woken_by_an_append_in_another_process(
+    nursery, postgres, redis_server
+):
+    # A long timeout: an answer with data well before it came from a wake.
+    cfg = _config(postgres, redis_server, long_poll_timeout=60.0)
+    a = await nursery.start(serve, cfg)
+    b = await nursery.start(serve, cfg)
+    path = "/v1/stream/wake-across"
+    async with (
+        httpx.AsyncClient(base_url=a.http_url, timeout=90) as ha,
+        httpx.AsyncClient(base_url=b.http_url, timeout=90) as hb,
+    ):
+        r = await ha.put(path, headers={"Content-Type": "text/plain"})
+        tail = r.headers["Stream-Next-Offset"]
+        got: list[httpx.Response] = []
+
+        async def reader() -> None:
+            got.append(await _long_poll(hb, path, tail))
+
+        for round_ in range(3):
+            got.clear()
+            async with trio.open_nursery() as n:
+                n.start_soon(reader)
+                await trio.sleep(0.5)  # the reader waits on B
+                with trio.fail_after(10):
+                    await ha.post(
+                        path, content=f"r{round_}", headers={"Content-Type": "text/plain"}
+                    )
+                    while not got:
+                        await trio.sleep(0.01)
+            assert got[0].status_code == 200 and got[0].text == f"r{round_}"
+            tail = got[0].headers["Stream-Next-Offset"]
+    assert b.engine.streams is not None and b.engine.streams.wakes_received >= 3
+
+
+async def test_readers_catch_up_after_a_redis_outage(nursery, postgres, redis_server):
+    cfg = _config(postgres, redis_server, long_poll_timeout=60.0)
+    chaos_b = Chaos()
+    a = await nursery.start(serve, cfg)
+    b = await nursery.start(partial_serve(cfg, chaos_b))
+    path = "/v1/stream/after-outage"
+    async with (
+        httpx.AsyncClient(base_url=a.http_url, timeout=90) as ha,
+        httpx.AsyncClient(base_url=b.http_url, timeout=90) as hb,
+    ):
+        r = await ha.put(path, headers={"Content-Type": "text/plain"})
+        tail = r.headers["Stream-Next-Offset"]
+        got: list[httpx.Response] = []
+
+        async def reader() -> None:
+            got.append(await _long_poll(hb, path, tail))
+
+        async with trio.open_nursery() as n:
+            n.start_soon(reader)
+            await trio.sleep(0.5)
+            # B's Redis goes away: the wake the append publishes never reaches it.
+            chaos_b.break_for("redis", 3.0)
+            await trio.sleep(0.5)
+            r = await ha.post(path, content=b"during", headers={"Content-Type": "text/plain"})
+            assert r.status_code == 204  # durable in Postgres: Redis is not needed to append
+            with trio.fail_after(20):  # healed after 3 s; the timeout is 60 s
+                while not got:
+                    await trio.sleep(0.05)
+        assert got[0].status_code == 200 and got[0].text == "during"
+
+
+def partial_serve(cfg, chaos):
+    async def run(task_status=trio.TASK_STATUS_IGNORED):
+        await serve(cfg, chaos=chaos, task_status=task_status)
+
+    return run
+
+
+async def test_access_needs_a_token_granting_the_stream(nursery, postgres, redis_server):
+    secret = "durable-streams-test-secret-0123456789"
+    cfg = make_config(postgres, redis_server, auth={"mode": "jwt", "secret": secret})
+    srv = await nursery.start(serve, cfg)
+
+    def bearer(**streams: str) -> dict[str, str]:
+        token = mint(
+            cfg.auth, "agent", streams={k.replace("_", "/"): v for k, v in streams.items()}
+        )
+        return {"Authorization": f"Bearer {token}", "Content-Type": "text/plain"}
+
+    async with httpx.AsyncClient(base_url=srv.http_url) as http:
+        path = "/v1/stream/team/notes"
+        r = await http.put(path, headers={"Content-Type": "text/plain"})
+        assert r.status_code == 401 and "Bearer" in r.json()["error"]
+        r = await http.put(path, headers={"Authorization": "Bearer nope"})
+        assert r.status_code == 401
+        assert (await http.put(path, headers=bearer(other_x="rw"))).status_code == 403
+        assert (await http.put(path, headers=bearer(team_="r"))).status_code == 403
+        writer = bearer(**{"team_*": "rw"})
+        assert (await http.put(path, headers=writer)).status_code == 201
+        assert (await http.post(path, content=b"hi", headers=writer)).status_code == 204
+        reader = bearer(team_notes="r")
+        r = await http.get(path, headers=reader)
+        assert r.status_code == 200 and r.text == "hi"
+        assert (await http.post(path, content=b"no", headers=reader)).status_code == 403
+        assert (await http.delete(path, headers=reader)).status_code == 403
+        # A fork needs read access to its source too.
+        fork = {**bearer(mine_="rw"), "Stream-Forked-From": path}
+        assert (await http.put("/v1/stream/mine/copy", headers=fork)).status_code == 403
