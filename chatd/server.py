@@ -39,6 +39,7 @@ from chatd.adapters.websocket import WsAcceptor, WsConnection, handshake_headers
 from chatd.chaos import Chaos
 from chatd.config import Config, ConfigError, ServerConfig
 from chatd.config_checks import operator_address
+from chatd.durable.conversations import Conversations
 from chatd.durable.http import DurableHTTP
 from chatd.embedded import EmbeddedServices
 from chatd.embedded.supervisor import EmbeddedWatch
@@ -312,6 +313,8 @@ def _durable_http(
         anonymous=config.auth.mode == "anonymous",
         verify=verifier.verify if verifier is not None else None,
         write_timeout=config.limits.write_timeout,
+        conversations=Conversations(engine.log, engine.hub),
+        conv_rights=engine.access.rights,
     )
 
 

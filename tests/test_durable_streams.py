@@ -170,3 +170,79 @@ async def test_access_needs_a_token_granting_the_stream(nursery, postgres, redis
         # A fork needs read access to its source too.
         fork = {**bearer(mine_="rw"), "Stream-Forked-From": path}
         assert (await http.put("/v1/stream/mine/copy", headers=fork)).status_code == 403
+        # A conversation's stream: read access as on the WebSocket (token grants).
+        conv_token = mint(cfg.auth, "bob", convs={"room-*": "r"})
+        ok = {"Authorization": f"Bearer {conv_token}"}
+        assert (await http.get("/v1/conversations/room-1", headers=ok)).status_code == 200
+        assert (await http.get("/v1/conversations/other", headers=ok)).status_code == 403
+        assert (await http.get("/v1/conversations/room-1")).status_code == 401
+
+
+async def test_a_conversation_reads_as_a_json_stream_with_offsets_following_seqs(
+    nursery, postgres, redis_server
+):
+    from tests.client import Client
+
+    srv = await nursery.start(serve, _config(postgres, redis_server, long_poll_timeout=30.0))
+    conv = "ds-conv-1"
+    url = f"/v1/conversations/{conv}"
+    ws = await Client.open(nursery, srv.url)
+    await ws.hello("alice")
+    await ws.subscribe(conv)
+    async with httpx.AsyncClient(base_url=srv.http_url, timeout=60) as http:
+        r = await http.get(url)  # nobody wrote yet: an empty JSON stream at offset 0
+        assert r.status_code == 200 and r.json() == [] and r.headers["Stream-Up-To-Date"]
+        start = r.headers["Stream-Next-Offset"]
+        for i in range(3):
+            await ws.send_message(conv, f"m{i}", f"text {i}")
+        seen = await ws.messages(conv, 3)
+        r = await http.get(url, params={"offset": start})
+        # Exactly the events WebSocket subscribers got, in order.
+        assert r.json() == seen and [m["seq"] for m in r.json()] == [1, 2, 3]
+        tail = (await http.get(url, params={"offset": "-1"})).headers["Stream-Next-Offset"]
+        assert (await http.head(url)).headers["Stream-Next-Offset"] == tail == offset_of(3)
+        # Resume from the offset after message 2: message 3 alone.
+        r = await http.get(url, params={"offset": offset_of(2)})
+        assert [m["seq"] for m in r.json()] == [3]
+        # A long-poll at the tail is woken by the next send (the timeout is 30 s).
+        got: list[httpx.Response] = []
+
+        async def poll() -> None:
+            got.append(await http.get(url, params={"offset": tail, "live": "long-poll"}))
+
+        async with trio.open_nursery() as n:
+            n.start_soon(poll)
+            await trio.sleep(0.5)
+            await ws.send_message(conv, "m3", "woken")
+            with trio.fail_after(10):
+                while not got:
+                    await trio.sleep(0.02)
+        assert got[0].status_code == 200 and [m["id"] for m in got[0].json()] == ["m3"]
+        # SSE from the start: every message, then live ones, as the WebSocket saw them.
+        events: list[dict] = []
+        async with http.stream("GET", url, params={"offset": "-1", "live": "sse"}) as sse:
+            data_lines: list[str] = []
+            async for line in sse.aiter_lines():
+                if line.startswith("data:"):
+                    data_lines.append(line[5:])
+                elif not line and data_lines:
+                    payload = json.loads("\n".join(data_lines))
+                    data_lines = []
+                    if isinstance(payload, list):
+                        events += payload
+                        if len(events) == 4:
+                            await ws.send_message(conv, "m4", "live over sse")
+                        if len(events) == 5:
+                            break
+        ws_all = await ws.messages(conv, 2)
+        assert [e["seq"] for e in events] == [1, 2, 3, 4, 5]
+        assert events[3:] == ws_all
+        # Read-only, and only conversation ids.
+        assert (await http.post(url, content=b"{}")).status_code == 405
+        assert (await http.get("/v1/conversations/bad%20id")).status_code == 404
+
+
+def offset_of(pos: int) -> str:
+    from chatd.durable.model import offset
+
+    return offset(pos)

@@ -15,38 +15,29 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import parse_qs, unquote
-
-import orjson
-import trio
+from urllib.parse import unquote
 
 from chatd.durable.answers import (
     WRITE_TIMEOUT,
     answer,
     answer_error,
-    cursor_headers,
-    cursor_value,
-    data_answer,
-    etag,
     header_map,
     meta,
-    sse_data,
-    sse_event,
     url,
 )
+from chatd.durable.conversations import PREFIX as CONVERSATIONS
+from chatd.durable.conversations import Conversations, conversation_id
 from chatd.durable.model import (
     Append,
     Create,
     DSError,
-    StreamRow,
-    is_text,
     is_true,
-    offset,
     parse_expires,
     parse_int_header,
     parse_offset,
     parse_ttl,
 )
+from chatd.durable.reads import Reader
 from chatd.durable.service import Streams
 from chatd.errors import Unavailable
 from chatd.identity import Identity
@@ -59,6 +50,7 @@ Scope = dict[str, Any]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Verify = Callable[[str], Awaitable[Identity]]
+ConvRights = Callable[[Identity, str], Awaitable[str]]
 Chunk = tuple[int, int, bytes]
 
 _EXPOSED = (
@@ -82,14 +74,31 @@ class DurableHTTP:
     """The ASGI side of Durable Streams for one listener."""
 
     def __init__(
-        self, streams: Streams, *, anonymous: bool, verify: Verify | None, write_timeout: float
+        self,
+        streams: Streams,
+        *,
+        anonymous: bool,
+        verify: Verify | None,
+        write_timeout: float,
+        conversations: Conversations | None = None,
+        conv_rights: ConvRights | None = None,
     ) -> None:
         self._streams = streams
         self._cfg = streams.cfg
         self._anonymous = anonymous
         self._verify = verify
-        self._write_timeout = write_timeout or WRITE_TIMEOUT
+        self._conv_rights = conv_rights
+        timeout = write_timeout or WRITE_TIMEOUT
+        self._reader = Reader(streams, streams.cfg, timeout)
+        self._conversations = (
+            Reader(conversations, streams.cfg, timeout) if conversations is not None else None
+        )
         self.requests = 0
+
+    def handles(self, path: str) -> bool:
+        return path.startswith(PREFIX) or (
+            self._conversations is not None and path.startswith(CONVERSATIONS)
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.requests += 1
@@ -97,17 +106,26 @@ class DurableHTTP:
         headers = header_map(scope)
         cors = self._cors(headers)
         try:
-            path = _stream_path(scope["path"])
             if method == "OPTIONS":
                 await answer(send, 204, self._preflight(cors))
                 return
+            if self._conversations is not None and scope["path"].startswith(CONVERSATIONS):
+                conv = conversation_id(scope["path"])
+                if method not in ("GET", "HEAD"):
+                    raise DSError(405, "a conversation's stream is read-only: send over WebSocket")
+                await self._authorize_conversation(conv, headers)
+                await self._conversations.get(
+                    conv, headers, scope, send, cors, head=method == "HEAD"
+                )
+                return
+            path = _stream_path(scope["path"])
             await self._authorize(method, path, headers)
             if method == "PUT":
                 await self._put(path, headers, await self._body(receive), send, cors, scope)
             elif method == "POST":
                 await self._post(path, headers, await self._body(receive), send, cors)
             elif method in ("GET", "HEAD"):
-                await self._get(path, headers, scope, send, cors, head=method == "HEAD")
+                await self._reader.get(path, headers, scope, send, cors, head=method == "HEAD")
             elif method == "DELETE":
                 await self._streams.delete(path)
                 await answer(send, 204, cors)
@@ -148,16 +166,27 @@ class DurableHTTP:
             (b"access-control-max-age", b"86400"),
         ]
 
-    async def _authorize(self, method: str, path: str, headers: dict[str, str]) -> None:
-        if self._anonymous:
-            return
+    async def _identity(self, headers: dict[str, str]) -> Identity:
         auth = headers.get("authorization", "")
         if not auth.startswith("Bearer ") or self._verify is None:
             raise DSError(401, "Authorization: Bearer <token> is required")
         try:
-            identity = await self._verify(auth[len("Bearer ") :].strip())
+            return await self._verify(auth[len("Bearer ") :].strip())
         except TokenError as exc:
             raise DSError(401, f"token refused: {exc}") from None
+
+    async def _authorize_conversation(self, conv: str, headers: dict[str, str]) -> None:
+        """Read access to a conversation, as on the WebSocket (grants, then memberships)."""
+        if self._anonymous:
+            return
+        identity = await self._identity(headers)
+        if self._conv_rights is None or "r" not in await self._conv_rights(identity, conv):
+            raise DSError(403, f"no read access to conversation {conv!r}")
+
+    async def _authorize(self, method: str, path: str, headers: dict[str, str]) -> None:
+        if self._anonymous:
+            return
+        identity = await self._identity(headers)
         need = "r" if method in ("GET", "HEAD") else "w"
         if need not in identity.grants.stream_rights(path):
             raise DSError(403, f"no {'read' if need == 'r' else 'write'} access to stream {path}")
@@ -242,175 +271,6 @@ class DurableHTTP:
         plan = await self._streams.append(path, req)
         out = [*cors, *((k.lower().encode(), v.encode()) for k, v in plan.headers.items())]
         await answer(send, plan.status, out)
-
-    # -- reads --------------------------------------------------------------------
-
-    async def _get(
-        self,
-        path: str,
-        headers: dict[str, str],
-        scope: Scope,
-        send: Send,
-        cors: list[tuple[bytes, bytes]],
-        *,
-        head: bool,
-    ) -> None:
-        if head:
-            row = await self._streams.store.head(path, self._streams.now())
-            await answer(send, 200, [*cors, *meta(row), (b"cache-control", b"no-store")])
-            return
-        query = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
-        for name, values in query.items():
-            if name in ("offset", "live", "cursor") and len(values) > 1:
-                raise DSError(400, f"the query parameter {name!r} is given more than once")
-        raw = query.get("offset", [None])[0]
-        live = query.get("live", [None])[0]
-        if live not in (None, "long-poll", "sse"):
-            raise DSError(400, f"live must be 'long-poll' or 'sse', got {live!r}")
-        if live is not None and raw is None:
-            raise DSError(400, f"live={live} needs an offset")
-        if raw == "":
-            raise DSError(400, "offset must not be empty")
-        pos = parse_offset(raw, None)
-        cursor = query.get("cursor", [None])[0]
-        if live == "sse":
-            await self._sse(path, pos, cursor, send, cors)
-        elif live == "long-poll":
-            await self._long_poll(path, pos, cursor, send, cors)
-        else:
-            await self._catch_up(path, pos, headers, send, cors)
-
-    async def _read(self, path: str, pos: int | None) -> tuple[StreamRow, int, list[Chunk]]:
-        """The stream, the position read from (``now``: the tail) and the chunks there."""
-        row, chunks = await self._streams.store.read(
-            path, pos, self._cfg.read_chunk_bytes, self._streams.now()
-        )
-        start = row.tail if pos is None else pos
-        if start > row.tail:
-            raise DSError(400, "the offset is past the stream's tail")
-        return row, start, chunks
-
-    async def _catch_up(
-        self,
-        path: str,
-        pos: int | None,
-        headers: dict[str, str],
-        send: Send,
-        cors: list[tuple[bytes, bytes]],
-    ) -> None:
-        row, start, chunks = await self._read(path, pos)
-        out, body = data_answer(row, start, chunks)
-        if pos is None:
-            out.append((b"cache-control", b"no-store"))
-        else:
-            tag = etag(row, start, chunks)
-            out.append((b"etag", tag.encode()))
-            if headers.get("if-none-match") == tag:
-                await answer(send, 304, [*cors, *out])
-                return
-            up_to_date = (not chunks or chunks[-1][1] == row.tail) and not row.closed
-            out.append((b"cache-control", b"no-store" if up_to_date else _CATCHUP_CACHE))
-        await answer(send, 200, [*cors, *out], body)
-
-    async def _long_poll(
-        self,
-        path: str,
-        pos: int | None,
-        cursor: str | None,
-        send: Send,
-        cors: list[tuple[bytes, bytes]],
-    ) -> None:
-        deadline = trio.current_time() + self._cfg.long_poll_timeout
-        async with self._streams.reading(path):
-            while True:
-                ticket = self._streams.ticket(path)
-                row, start, chunks = await self._read(path, pos)
-                pos = start  # "now" is the tail when the wait began
-                if chunks:
-                    out, body = data_answer(row, start, chunks)
-                    out += [
-                        (b"etag", etag(row, start, chunks).encode()),
-                        *cursor_headers(cursor, row),
-                    ]
-                    out.append((b"cache-control", b"no-store"))
-                    await answer(send, 200, [*cors, *out], body)
-                    return
-                if row.closed or trio.current_time() >= deadline:
-                    break
-                with trio.move_on_at(deadline):
-                    await ticket.wait()
-        out = [
-            (b"stream-next-offset", offset(row.tail).encode()),
-            (b"stream-up-to-date", b"true"),
-            (b"cache-control", b"no-store"),
-            *cursor_headers(cursor, row),
-        ]
-        if row.closed:
-            out.append((b"stream-closed", b"true"))
-        await answer(send, 204, [*cors, *out])
-
-    async def _sse(
-        self,
-        path: str,
-        pos: int | None,
-        cursor: str | None,
-        send: Send,
-        cors: list[tuple[bytes, bytes]],
-    ) -> None:
-        # The first read answers 404/410 as a plain error, before the stream starts.
-        row, start, chunks = await self._read(path, pos)
-        binary = not is_text(row.content_type)
-        out = [
-            *cors,
-            (b"content-type", b"text/event-stream"),
-            (b"cache-control", b"no-cache, no-store"),
-            (b"x-accel-buffering", b"no"),
-        ]
-        if binary:
-            out.append((b"stream-sse-data-encoding", b"base64"))
-        await self._write(send, {"type": "http.response.start", "status": 200, "headers": out})
-        end = trio.current_time() + self._cfg.sse_max_seconds
-        async with self._streams.reading(path):
-            with trio.move_on_at(end):
-                while True:
-                    ticket = self._streams.ticket(path)
-                    events = []
-                    if chunks:
-                        events.append(("data", sse_data(row, chunks, binary)))
-                        start = chunks[-1][1]
-                    at_tail = start >= row.tail
-                    control: dict[str, Any] = {"streamNextOffset": offset(start)}
-                    if row.closed and at_tail:
-                        control["streamClosed"] = True
-                        control["upToDate"] = True
-                    else:
-                        control["streamCursor"] = cursor_value(cursor)
-                        if at_tail:
-                            control["upToDate"] = True
-                    if chunks or at_tail:
-                        # A data event and its control event go in one write.
-                        events.append(("control", orjson.dumps(control).decode()))
-                        await self._events(send, events)
-                    if row.closed and at_tail:
-                        break
-                    if at_tail:
-                        await ticket.wait()
-                    try:
-                        row, start, chunks = await self._read(path, start)
-                    except DSError:
-                        break  # deleted while read: the stream just ends
-        await self._write(send, {"type": "http.response.body", "body": b"", "more_body": False})
-
-    async def _events(self, send: Send, events: list[tuple[str, str]]) -> None:
-        text = "".join(sse_event(kind, data) for kind, data in events)
-        await self._write(
-            send, {"type": "http.response.body", "body": text.encode(), "more_body": True}
-        )
-
-    async def _write(self, send: Send, message: dict[str, Any]) -> None:
-        """Every write to a client has a deadline: a reader that stops reading is cut."""
-        with trio.fail_after(self._write_timeout):
-            await send(message)
 
 
 # -- answers --------------------------------------------------------------------

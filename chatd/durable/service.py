@@ -90,7 +90,15 @@ class Streams:
         except trio.WouldBlock:
             self.wakes_dropped += 1
 
-    # -- live readers ---------------------------------------------------------
+    # -- reads (a Source of chatd.durable.reads) --------------------------------
+
+    async def read(
+        self, path: str, pos: int | None, max_bytes: int
+    ) -> tuple[StreamRow, list[tuple[int, int, bytes]]]:
+        return await self.store.read(path, pos, max_bytes, self.now())
+
+    async def head(self, path: str) -> StreamRow:
+        return await self.store.head(path, self.now())
 
     def ticket(self, path: str) -> trio.Event:
         """Set at the next change of ``path`` (take it before reading)."""

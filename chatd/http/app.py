@@ -30,7 +30,6 @@ import orjson
 from prometheus_client import CollectorRegistry
 
 from chatd.chaos import COMPONENTS
-from chatd.durable.http import PREFIX as DURABLE_PREFIX
 from chatd.durable.http import DurableHTTP
 from chatd.http.metrics import CONTENT_TYPE, exposition
 from chatd.http.web import SECURITY_HEADERS, web_routes
@@ -99,7 +98,7 @@ class ChatdApp:
         head = method == "HEAD"
         extra: list[tuple[bytes, bytes]] = []
         wait = self._spend(scope)
-        if not wait and self._durable is not None and scope["path"].startswith(DURABLE_PREFIX):
+        if not wait and self._durable is not None and self._durable.handles(scope["path"]):
             await self._durable(scope, receive, send)
             return
         try:
