@@ -76,6 +76,8 @@ class Server:
     accepting: bool = True
     #: The embedded servers' supervision, when ``chatd serve`` started them.
     embedded: EmbeddedWatch | None = None
+    #: Durable Streams over HTTP, when [durable] is enabled.
+    durable: DurableHTTP | None = None
     _stop: trio.Event = field(default_factory=trio.Event)
 
     @property
@@ -185,6 +187,7 @@ async def _serve(
         trio.open_nursery() as handlers,
     ):
         server = Server(config, engine, Readiness(engine, config.http), HttpFace(config.http))
+        server.durable = _durable_http(config, engine, verifier)
         registry = registry_for(server)
         try:
             async with trio.open_nursery() as accept:
@@ -207,7 +210,7 @@ async def _serve(
                             server,
                             registry,
                             operator=not config.http.operator_listen,
-                            durable=_durable_http(config, engine, verifier),
+                            durable=server.durable,
                         ),
                         WsAcceptor(
                             partial(_session, server),
@@ -249,6 +252,8 @@ async def _drain(server: Server, shutdown: ShutdownClock) -> None:
         await trio.sleep(delay)
     server.accepting = False
     shutdown.begin()
+    if server.durable is not None:
+        server.durable.drain()
     log.info("shutting down: draining %d connection(s)", len(server.engine.sessions))
     await server.engine.drain()
     await server.http.close_idle()

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -246,3 +249,73 @@ def offset_of(pos: int) -> str:
     from chatd.durable.model import offset
 
     return offset(pos)
+
+
+@pytest.mark.parametrize("live", ["sse", "long-poll"])
+async def test_the_official_client_follows_a_conversation_across_a_restart(
+    nursery, postgres, redis_server, live
+):
+    """@durable-streams/client follows /v1/conversations/<conv> on chatd A; A stops,
+    messages are sent through chatd B meanwhile, A starts again on the same port:
+    the client resumes from its offset by itself, every message once, in order."""
+    from tests.client import Client
+
+    node()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg_a = _config(postgres, redis_server, long_poll_timeout=2.0)
+    cfg_a = replace(cfg_a, server=replace(cfg_a.server, port=port))
+    conv = f"follow-{live}"
+
+    async def serve_a(task_status=trio.TASK_STATUS_IGNORED):
+        await serve(cfg_a, task_status=task_status)
+
+    a = await nursery.start(serve_a)
+    b = await nursery.start(serve, _config(postgres, redis_server))
+    writer = await Client.open(nursery, b.url)
+    await writer.hello("writer")
+    lines: list[dict] = []
+    proc = await trio.lowlevel.open_process(
+        [*node(), str(CONFORMANCE / "follow-conversation.mjs")],
+        env={
+            **os.environ,
+            "DS_URL": f"{a.http_url}/v1/conversations/{conv}",
+            "DS_WANT": "9",
+            "DS_LIVE": live,
+        },
+        stdout=subprocess.PIPE,
+    )
+
+    async def read_lines() -> None:
+        buf = b""
+        assert proc.stdout is not None
+        async for chunk in proc.stdout:
+            buf += chunk
+            *done, buf = buf.split(b"\n")
+            lines.extend(json.loads(x) for x in done if x.strip())
+
+    async def until(count: int) -> None:
+        with trio.fail_after(30):
+            while len(lines) < count:
+                await trio.sleep(0.05)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(read_lines)
+        for i in range(3):
+            await writer.send_message(conv, f"before-{i}")
+        await until(3)
+        a.shutdown()  # chatd A stops (as on SIGTERM); the client retries
+        await trio.sleep(2.0)
+        for i in range(3):
+            await writer.send_message(conv, f"while-down-{i}")
+        await trio.sleep(1.0)
+        await nursery.start(serve_a)  # the same port again
+        for i in range(3):
+            await writer.send_message(conv, f"after-{i}")
+        await until(9)
+        with trio.fail_after(10):
+            await proc.wait()
+    assert [x["seq"] for x in lines] == list(range(1, 10))
+    assert [x["id"] for x in lines][3:6] == [f"while-down-{i}" for i in range(3)]
+    assert proc.returncode == 0

@@ -17,6 +17,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote
 
+import trio
+
 from chatd.durable.answers import (
     WRITE_TIMEOUT,
     answer,
@@ -89,11 +91,18 @@ class DurableHTTP:
         self._verify = verify
         self._conv_rights = conv_rights
         timeout = write_timeout or WRITE_TIMEOUT
-        self._reader = Reader(streams, streams.cfg, timeout)
+        self._draining = trio.Event()
+        self._reader = Reader(streams, streams.cfg, timeout, self._draining)
         self._conversations = (
-            Reader(conversations, streams.cfg, timeout) if conversations is not None else None
+            Reader(conversations, streams.cfg, timeout, self._draining)
+            if conversations is not None
+            else None
         )
         self.requests = 0
+
+    def drain(self) -> None:
+        """The server is stopping: live reads answer at once (clients resume by offset)."""
+        self._draining.set()
 
     def handles(self, path: str) -> bool:
         return path.startswith(PREFIX) or (

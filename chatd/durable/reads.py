@@ -57,10 +57,28 @@ class Source(Protocol):
 class Reader:
     """GET and HEAD of one kind of stream."""
 
-    def __init__(self, source: Source, cfg: DurableConfig, write_timeout: float) -> None:
+    def __init__(
+        self, source: Source, cfg: DurableConfig, write_timeout: float, draining: trio.Event
+    ) -> None:
         self._source = source
         self._cfg = cfg
         self._write_timeout = write_timeout
+        #: Set when the server drains: live reads answer now (the client resumes
+        #: from its offset elsewhere, or here after the restart).
+        self._draining = draining
+
+    async def _wait(self, ticket: trio.Event) -> None:
+        """Until the stream changes or the server drains."""
+        if self._draining.is_set():
+            return
+        async with trio.open_nursery() as nursery:
+
+            async def until(event: trio.Event) -> None:
+                await event.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(until, ticket)
+            nursery.start_soon(until, self._draining)
 
     async def get(
         self,
@@ -150,10 +168,10 @@ class Reader:
                     out.append((b"cache-control", b"no-store"))
                     await answer(send, 200, [*cors, *out], body)
                     return
-                if row.closed or trio.current_time() >= deadline:
+                if row.closed or trio.current_time() >= deadline or self._draining.is_set():
                     break
                 with trio.move_on_at(deadline):
-                    await ticket.wait()
+                    await self._wait(ticket)
         out = [
             (b"stream-next-offset", offset(row.tail).encode()),
             (b"stream-up-to-date", b"true"),
@@ -209,7 +227,9 @@ class Reader:
                     if row.closed and at_tail:
                         break
                     if at_tail:
-                        await ticket.wait()
+                        if self._draining.is_set():
+                            break  # ended cleanly: the client resumes from the last control
+                        await self._wait(ticket)
                     try:
                         row, start, chunks = await self._read(path, start)
                     except DSError:
