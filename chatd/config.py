@@ -326,6 +326,11 @@ class DurableConfig:
     #: Expired streams are deleted this often (they answer 404 from the moment
     #: they expire).
     expiry_sweep_interval: float = 30.0
+    #: An agent streaming a reply in (POST /v1/conversations/<conv>/replies) that
+    #: appends nothing for this long has its reply committed "interrupted".
+    agent_idle_timeout: float = 30.0
+    #: A reply's stream is kept this long after its last read or write (0: for ever).
+    reply_stream_ttl: int = 86400
 
 
 @dataclass(frozen=True)

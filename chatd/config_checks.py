@@ -195,6 +195,7 @@ def validate(config: Config) -> None:
             config.durable.read_chunk_bytes >= 1024,
             "[durable].read_chunk_bytes must be at least 1024",
         ),
+        (config.durable.agent_idle_timeout > 0, "[durable].agent_idle_timeout must be positive"),
         (
             config.durable.expiry_sweep_interval > 0,
             "[durable].expiry_sweep_interval must be positive",

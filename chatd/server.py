@@ -39,6 +39,7 @@ from chatd.adapters.websocket import WsAcceptor, WsConnection, handshake_headers
 from chatd.chaos import Chaos
 from chatd.config import Config, ConfigError, ServerConfig
 from chatd.config_checks import operator_address
+from chatd.durable.agents import AgentReplies
 from chatd.durable.conversations import Conversations
 from chatd.durable.http import DurableHTTP
 from chatd.embedded import EmbeddedServices
@@ -313,13 +314,17 @@ def _durable_http(
 ) -> DurableHTTP | None:
     if engine.streams is None:
         return None
+    conversations = Conversations(engine.log, engine.hub)
     return DurableHTTP(
         engine.streams,
         anonymous=config.auth.mode == "anonymous",
         verify=verifier.verify if verifier is not None else None,
         write_timeout=config.limits.write_timeout,
-        conversations=Conversations(engine.log, engine.hub),
+        conversations=conversations,
         conv_rights=engine.access.rights,
+        agents=AgentReplies(
+            engine.streams, engine.replies.start, conversations.last_seq, config.durable
+        ),
     )
 
 

@@ -69,12 +69,13 @@ class Conversations:
         self._hub = hub
         self._watchers: dict[str, _Watcher] = {}
 
-    async def _head(self, conv: str) -> int:
+    async def last_seq(self, conv: str) -> int:
+        """The conversation's latest seq (0: none yet)."""
         last = await self._log.history(conv, None, 1)
         return last[-1]["seq"] if last else 0
 
     async def head(self, path: str) -> StreamRow:
-        return _row(path, await self._head(path))
+        return _row(path, await self.last_seq(path))
 
     async def read(
         self, path: str, pos: int | None, max_bytes: int
@@ -95,7 +96,7 @@ class Conversations:
         last = chunks[-1][1]
         if len(chunks) < len(msgs) or len(msgs) == _PAGE:
             # More may follow: the tail says so (not up to date yet).
-            return _row(path, max(last, await self._head(path))), chunks
+            return _row(path, max(last, await self.last_seq(path))), chunks
         return _row(path, last), chunks
 
     def ticket(self, path: str) -> trio.Event:

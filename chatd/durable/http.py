@@ -17,8 +17,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote
 
+import orjson
 import trio
 
+from chatd.durable.agents import PREFIX as AGENT_PREFIX
+from chatd.durable.agents import AgentReplies, reply_conv
 from chatd.durable.answers import (
     WRITE_TIMEOUT,
     answer,
@@ -41,8 +44,10 @@ from chatd.durable.model import (
 )
 from chatd.durable.reads import Reader
 from chatd.durable.service import Streams
+from chatd.engine.replies import ShuttingDown
 from chatd.errors import Unavailable
 from chatd.identity import Identity
+from chatd.protocol import ProtocolError
 from chatd.tokens import TokenError
 
 log = logging.getLogger("chatd.durable")
@@ -51,6 +56,7 @@ PREFIX = "/v1/stream/"
 Scope = dict[str, Any]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
+_REPLIES = "/replies"
 Verify = Callable[[str], Awaitable[Identity]]
 ConvRights = Callable[[Identity, str], Awaitable[str]]
 Chunk = tuple[int, int, bytes]
@@ -84,12 +90,14 @@ class DurableHTTP:
         write_timeout: float,
         conversations: Conversations | None = None,
         conv_rights: ConvRights | None = None,
+        agents: AgentReplies | None = None,
     ) -> None:
         self._streams = streams
         self._cfg = streams.cfg
         self._anonymous = anonymous
         self._verify = verify
         self._conv_rights = conv_rights
+        self._agents = agents
         timeout = write_timeout or WRITE_TIMEOUT
         self._draining = trio.Event()
         self._reader = Reader(streams, streams.cfg, timeout, self._draining)
@@ -118,11 +126,18 @@ class DurableHTTP:
             if method == "OPTIONS":
                 await answer(send, 204, self._preflight(cors))
                 return
+            if self._agents is not None and scope["path"].endswith(_REPLIES):
+                conv = conversation_id(scope["path"][: -len(_REPLIES)])
+                if method != "POST":
+                    raise DSError(405, "POST here starts a reply an agent streams in")
+                user = await self._authorize_conversation(conv, headers, "w")
+                await self._start_reply(conv, user, await self._body(receive), send, cors, scope)
+                return
             if self._conversations is not None and scope["path"].startswith(CONVERSATIONS):
                 conv = conversation_id(scope["path"])
                 if method not in ("GET", "HEAD"):
                     raise DSError(405, "a conversation's stream is read-only: send over WebSocket")
-                await self._authorize_conversation(conv, headers)
+                await self._authorize_conversation(conv, headers, "r")
                 await self._conversations.get(
                     conv, headers, scope, send, cors, head=method == "HEAD"
                 )
@@ -184,15 +199,29 @@ class DurableHTTP:
         except TokenError as exc:
             raise DSError(401, f"token refused: {exc}") from None
 
-    async def _authorize_conversation(self, conv: str, headers: dict[str, str]) -> None:
-        """Read access to a conversation, as on the WebSocket (grants, then memberships)."""
+    async def _authorize_conversation(self, conv: str, headers: dict[str, str], need: str) -> str:
+        """Access to a conversation, as on the WebSocket (grants, then memberships);
+        the user's name ("agent" in anonymous mode)."""
         if self._anonymous:
-            return
+            return "agent"
         identity = await self._identity(headers)
-        if self._conv_rights is None or "r" not in await self._conv_rights(identity, conv):
-            raise DSError(403, f"no read access to conversation {conv!r}")
+        if self._conv_rights is None or need not in await self._conv_rights(identity, conv):
+            word = "read" if need == "r" else "write"
+            raise DSError(403, f"no {word} access to conversation {conv!r}")
+        return identity.user
 
     async def _authorize(self, method: str, path: str, headers: dict[str, str]) -> None:
+        conv = reply_conv(path)
+        if conv is not None or path.startswith(AGENT_PREFIX):
+            # A reply's stream: made by POST .../replies, written as its conversation.
+            if method in ("PUT", "DELETE") or conv is None:
+                raise DSError(
+                    403, "replies/ streams are made by POST /v1/conversations/<conv>/replies"
+                )
+            await self._authorize_conversation(
+                conv, headers, "r" if method in ("GET", "HEAD") else "w"
+            )
+            return
         if self._anonymous:
             return
         identity = await self._identity(headers)
@@ -219,6 +248,39 @@ class DurableHTTP:
                 return b"".join(chunks)
 
     # -- writes -------------------------------------------------------------------
+
+    async def _start_reply(
+        self,
+        conv: str,
+        user: str,
+        body: bytes,
+        send: Send,
+        cors: list[tuple[bytes, bytes]],
+        scope: Scope,
+    ) -> None:
+        assert self._agents is not None
+        reply_to = None
+        if body.strip():
+            try:
+                asked = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                raise DSError(400, 'the body must be JSON: {"reply_to": <seq>}') from None
+            reply_to = asked.get("reply_to") if isinstance(asked, dict) else None
+            if reply_to is not None and (
+                isinstance(reply_to, bool) or not isinstance(reply_to, int) or reply_to < 0
+            ):
+                raise DSError(400, "'reply_to' must be a message seq (an integer >= 0)")
+        try:
+            reply_id, path = await self._agents.start(conv, user, reply_to)
+        except ProtocolError as exc:
+            status = 429 if exc.code in ("too_many_streams", "too_many_replies") else 400
+            raise DSError(status, exc.message) from None
+        except ShuttingDown as exc:
+            raise DSError(503, str(exc)) from None
+        stream_url = url(scope, PREFIX + path)
+        out = [*cors, (b"location", stream_url.encode()), (b"content-type", b"application/json")]
+        body = orjson.dumps({"conv": conv, "stream": reply_id, "url": stream_url, "path": path})
+        await answer(send, 201, out, body)
 
     async def _put(
         self,

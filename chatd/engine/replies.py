@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +55,7 @@ class _Start:
     user: str
     owner: int
     answer: trio.MemorySendChannel[str | Exception]
+    source: Callable[[Reply], AsyncIterator[str]] | None = None
 
 
 class Replies:
@@ -85,10 +86,18 @@ class Replies:
     # -- for sessions -----------------------------------------------------
 
     async def start(
-        self, conv: str, reply_to: int, prompt: str, *, user: str = "", owner: int = 0
+        self,
+        conv: str,
+        reply_to: int,
+        prompt: str,
+        *,
+        user: str = "",
+        owner: int = 0,
+        source: Callable[[Reply], AsyncIterator[str]] | None = None,
     ) -> str:
         """Start a reply to message ``reply_to``, asked by ``user`` on connection
-        ``owner``; returns its id.
+        ``owner``; returns its id. ``source``: its tokens come from there, not
+        from the model (an agent streaming its reply in).
 
         Raises ProtocolError at a limit (``too_many_streams`` for the process,
         ``too_many_replies`` for the user or the connection), and
@@ -96,7 +105,7 @@ class Replies:
         """
         send, receive = trio.open_memory_channel[str | Exception](1)
         try:
-            self._starts_send.send_nowait(_Start(conv, reply_to, prompt, user, owner, send))
+            self._starts_send.send_nowait(_Start(conv, reply_to, prompt, user, owner, send, source))
         except trio.ClosedResourceError:
             raise ShuttingDown("the server is shutting down; no new replies") from None
         try:
@@ -168,6 +177,7 @@ class Replies:
                         prompt=req.prompt,
                         user=self._cfg.assistant_user,
                         started_ms=now_ms(),
+                        source=req.source,
                     )
                     self.active[r.id] = r
                     self._by_user[req.user] += 1

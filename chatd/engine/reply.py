@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -24,6 +25,9 @@ class Reply:
     prompt: str
     user: str
     started_ms: int
+    #: Where the tokens come from instead of the model: an agent streaming its
+    #: own reply in (chatd.durable.agents). It may set ``interrupted``.
+    source: Callable[[Reply], AsyncIterator[str]] | None = None
     parts: list[str] = field(default_factory=list)
     length: int = 0
     state: str = "generating"  # -> committing -> ended

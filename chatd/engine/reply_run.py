@@ -135,7 +135,7 @@ class ReplyRunner:
         error: ModelError | None = None
         try:
             context: list[dict[str, Any]] = []
-            if self._model.wants_context:
+            if self._model.wants_context and r.source is None:
                 context = await self._log.history(r.conv, r.reply_to + 1, self._context_messages)
             request = ModelRequest(r.conv, r.prompt, context)
             with trio.move_on_after(self._cfg.max_duration) as deadline:
@@ -160,7 +160,8 @@ class ReplyRunner:
 
     async def _tokens(self, r: Reply, request: ModelRequest) -> None:
         room = self._cfg.max_reply_chars
-        async with aclosing(self._model.generate(request)) as tokens:
+        source = r.source(r) if r.source is not None else self._model.generate(request)
+        async with aclosing(source) as tokens:
             async for token in tokens:
                 if "\x00" in token:
                     # Postgres cannot store U+0000: a model emitting one must not
