@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
-from chatd.durable.model import Append, AppendPlan, Create, StreamRow
+from chatd.durable.model import Append, AppendPlan, Create, DSError, StreamRow
 from chatd.records import (
     BusMessage,
     Checkpoint,
@@ -230,8 +230,12 @@ class StreamStore(Protocol):
         """Create the stream (True), or find it with the same configuration (False)."""
         ...
 
-    async def append(self, path: str, req: Append, now: float) -> AppendPlan:
-        """Apply :func:`~chatd.durable.model.plan_append` atomically; its plan."""
+    async def append_many(
+        self, items: Sequence[tuple[str, Append]], now: float
+    ) -> list[AppendPlan | DSError]:
+        """Apply :func:`~chatd.durable.model.plan_append` to each ``(path, append)``
+        in order, all in one atomic step (a group commit); per item its plan, or
+        the protocol's refusal (which changes nothing)."""
         ...
 
     async def head(self, path: str, now: float) -> StreamRow: ...

@@ -39,6 +39,13 @@ async def _all(store, path: str, now: float = T0) -> bytes:
     return b"".join(c[2] for c in chunks)
 
 
+async def _append1(store, path: str, req: Append, now: float):
+    (result,) = await store.append_many([(path, req)], now)
+    if isinstance(result, DSError):
+        raise result
+    return result
+
+
 async def _status(coro) -> int:
     with pytest.raises(DSError) as info:
         await coro
@@ -60,9 +67,9 @@ async def test_create_is_idempotent_only_with_the_same_configuration(stream_stor
 async def test_appends_extend_the_tail_and_reads_return_exactly_the_bytes(stream_stores):
     store, p = stream_stores, _path()
     await store.create(p, _create(), T0)
-    plan = await store.append(p, _append(b"abc"), T0)
+    plan = await _append1(store, p, _append(b"abc"), T0)
     assert plan.status == 204 and plan.headers["Stream-Next-Offset"] == offset(3)
-    await store.append(p, _append("é🙂".encode()), T0)
+    await _append1(store, p, _append("é🙂".encode()), T0)
     assert await _all(store, p) == "abcé🙂".encode()
     # A read from the middle of an append starts exactly there.
     row, chunks = await store.read(p, 2, 1 << 20, T0)
@@ -72,27 +79,27 @@ async def test_appends_extend_the_tail_and_reads_return_exactly_the_bytes(stream
     assert (await store.read(p, None, 1 << 20, T0))[1] == []
     # A byte budget returns a prefix (never nothing), the rest on the next read.
     for i in range(5):
-        await store.append(p, _append(bytes([65 + i]) * 1000), T0)
+        await _append1(store, p, _append(bytes([65 + i]) * 1000), T0)
     _, first = await store.read(p, 0, 1500, T0)
     assert 0 < sum(len(c[2]) for c in first) <= 1500 + 1000
     _, rest = await store.read(p, first[-1][1], 1 << 20, T0)
     assert b"".join(c[2] for c in first + rest) == await _all(store, p)
-    assert await _status(store.append(p, _append(b"x", ctype="application/json"), T0)) == 409
-    assert await _status(store.append(p, _append(b""), T0)) == 400
-    assert await _status(store.append(_path(), _append(b"x"), T0)) == 404
+    assert await _status(_append1(store, p, _append(b"x", ctype="application/json"), T0)) == 409
+    assert await _status(_append1(store, p, _append(b""), T0)) == 400
+    assert await _status(_append1(store, _path(), _append(b"x"), T0)) == 404
 
 
 async def test_json_mode_keeps_messages_and_flattens_one_level(stream_stores):
     store, p = stream_stores, _path()
     _, row = await store.create(p, _create("application/json", b"[]"), T0)
     assert row.tail == 0
-    await store.append(p, _append(b'{"a": 1}', "application/json"), T0)
-    await store.append(p, _append(b'[[1,2], {"b": "x"}]', "application/json"), T0)
+    await _append1(store, p, _append(b'{"a": 1}', "application/json"), T0)
+    await _append1(store, p, _append(b'[[1,2], {"b": "x"}]', "application/json"), T0)
     row, chunks = await store.read(p, 0, 1 << 20, T0)
     assert row.tail == 3
     assert [orjson.loads(c[2]) for c in chunks] == [{"a": 1}, [1, 2], {"b": "x"}]
-    assert await _status(store.append(p, _append(b"[]", "application/json"), T0)) == 400
-    assert await _status(store.append(p, _append(b"{bad", "application/json"), T0)) == 400
+    assert await _status(_append1(store, p, _append(b"[]", "application/json"), T0)) == 400
+    assert await _status(_append1(store, p, _append(b"{bad", "application/json"), T0)) == 400
 
 
 async def test_idempotent_producers(stream_stores):
@@ -100,7 +107,7 @@ async def test_idempotent_producers(stream_stores):
     await store.create(p, _create(), T0)
 
     async def send(body: bytes, epoch: int, seq: int):
-        return await store.append(p, _append(body, producer=("w", epoch, seq)), T0)
+        return await _append1(store, p, _append(body, producer=("w", epoch, seq)), T0)
 
     assert (await send(b"a", 0, 0)).status == 200
     assert (await send(b"b", 0, 1)).status == 200
@@ -120,15 +127,15 @@ async def test_idempotent_producers(stream_stores):
 async def test_closing(stream_stores):
     store, p = stream_stores, _path()
     await store.create(p, _create(body=b"x"), T0)
-    plan = await store.append(p, _append(b"end", close=True, producer=("w", 0, 0)), T0)
+    plan = await _append1(store, p, _append(b"end", close=True, producer=("w", 0, 0)), T0)
     assert plan.row.closed and plan.headers["Stream-Closed"] == "true"
     # The same closing request again: a duplicate; anything else: 409 with the final offset.
-    again = await store.append(p, _append(b"end", close=True, producer=("w", 0, 0)), T0)
+    again = await _append1(store, p, _append(b"end", close=True, producer=("w", 0, 0)), T0)
     assert again.status == 204 and not again.changed
     with pytest.raises(DSError) as closed:
-        await store.append(p, _append(b"more"), T0)
+        await _append1(store, p, _append(b"more"), T0)
     assert closed.value.status == 409 and closed.value.headers["Stream-Next-Offset"] == offset(4)
-    assert (await store.append(p, _append(b"", None, close=True), T0)).status == 204
+    assert (await _append1(store, p, _append(b"", None, close=True), T0)).status == 204
     assert (await store.head(p, T0)).closed and await _all(store, p) == b"xend"
 
 
@@ -139,7 +146,7 @@ async def test_ttl_and_expiry(stream_stores):
     await store.create(fixed, _create(expires_at=T0 + 10), T0)
     # Reads and writes renew a TTL; head does not.
     await store.read(sliding, 0, 100, T0 + 8)
-    await store.append(fixed, _append(b"x"), T0 + 8)
+    await _append1(store, fixed, _append(b"x"), T0 + 8)
     await store.head(sliding, T0 + 17)
     assert (await store.head(sliding, T0 + 17.9)).ttl == 10
     assert await _status(store.head(fixed, T0 + 10)) == 404
@@ -156,12 +163,12 @@ async def test_ttl_and_expiry(stream_stores):
 async def test_forks_copy_up_to_their_offset_and_outlive_a_deleted_source(stream_stores):
     store, src, fork, sub = stream_stores, _path(), _path(), _path()
     await store.create(src, _create(body=b"hello "), T0)
-    await store.append(src, _append(b"world"), T0)
+    await _append1(store, src, _append(b"world"), T0)
     _, row = await store.create(fork, _create(None, fork_of=src, fork_offset=offset(6)), T0)
     assert row.tail == 6 and row.content_type == "text/plain"
     # Same offsets as the source; appends to either stay apart.
-    await store.append(fork, _append(b"there"), T0)
-    await store.append(src, _append(b"!"), T0)
+    await _append1(store, fork, _append(b"there"), T0)
+    await _append1(store, src, _append(b"!"), T0)
     assert await _all(store, fork) == b"hello there" and await _all(store, src) == b"hello world!"
     # A sub-offset reaches into the next append.
     await store.create(sub, _create(fork_of=src, fork_offset=offset(6), fork_sub=3), T0)
@@ -190,3 +197,30 @@ async def test_offsets_parse_and_sort_like_positions():
     for bad in ("abc", "1", "0_1", offset(1) + "x"):
         with pytest.raises(DSError):
             parse_offset(bad)
+
+
+async def test_a_batch_applies_its_appends_in_order_and_refuses_each_on_its_own(stream_stores):
+    store, a, b = stream_stores, _path(), _path()
+    await store.create(a, _create(), T0)
+    await store.create(b, _create("application/json"), T0)
+
+    def prod(body: bytes, seq: int) -> Append:
+        return _append(body, producer=("w", 0, seq))
+
+    results = await store.append_many(
+        [
+            (a, prod(b"1", 0)),
+            (b, _append(b'[{"x":1},{"x":2}]', "application/json")),
+            (a, prod(b"2", 1)),
+            (a, prod(b"2", 1)),  # a retry inside the same batch: a duplicate
+            (a, prod(b"9", 5)),  # a gap: refused, the rest goes on
+            ("t/missing", _append(b"x")),
+            (a, _append(b"3", close=True)),
+            (a, _append(b"4")),  # after the close in the same batch
+        ],
+        T0,
+    )
+    kinds = [r.status if not isinstance(r, DSError) else ("refused", r.status) for r in results]
+    assert kinds == [200, 204, 200, 204, ("refused", 409), ("refused", 404), 204, ("refused", 409)]
+    assert await _all(store, a) == b"123"
+    assert (await store.head(a, T0)).closed and (await store.head(b, T0)).tail == 2

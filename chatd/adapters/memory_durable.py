@@ -87,7 +87,18 @@ class MemoryStreams:
         self._chunks[row.id] = chunks
         return True, row
 
-    async def append(self, path: str, req: Append, now: float) -> AppendPlan:
+    async def append_many(
+        self, items: list[tuple[str, Append]], now: float
+    ) -> list[AppendPlan | DSError]:
+        out: list[AppendPlan | DSError] = []
+        for path, req in items:
+            try:
+                out.append(self._append(path, req, now))
+            except DSError as exc:
+                out.append(exc)
+        return out
+
+    def _append(self, path: str, req: Append, now: float) -> AppendPlan:
         row = self._live(path, now)
         producer = self._producers.get((row.id, req.producer[0])) if req.producer else None
         plan = plan_append(row, producer, req, now)

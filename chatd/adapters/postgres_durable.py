@@ -1,10 +1,11 @@
 """Durable Streams on PostgreSQL (migration 0008): the :class:`~chatd.ports.StreamStore`.
 
-Each operation is one crossing of the bridge and one transaction: an append
-locks its stream's row (``FOR UPDATE``), which serializes every writer of the
-stream, producers included, and commits the data, the new tail and the
-producer's state together — so a retried append is never stored twice, and an
-acknowledged one is on disk. Creates and deletes also take a transaction-scoped
+Each operation is one crossing of the bridge and one transaction. Appends are
+group-committed: a batch of them (from every writer waiting) is one
+transaction that locks its streams' rows (``FOR UPDATE``), which serializes
+every writer of a stream, producers included, and commits the data, the new
+tails and the producers' state together — so a retried append is never
+stored twice, and an acknowledged one is on disk. Creates and deletes also take a transaction-scoped
 advisory lock on the path, so two racing PUTs of one path agree.
 
 The protocol's rules are :mod:`chatd.durable.model`'s; functions prefixed
@@ -204,42 +205,90 @@ async def _aio_create(
         return True, replace(row, id=sid)
 
 
-async def _aio_append(pool: asyncpg.Pool, path: str, req: Append, now: float) -> AppendPlan:
+async def _aio_append_many(
+    pool: asyncpg.Pool, items: Sequence[tuple[str, Append]], now: float
+) -> list[AppendPlan | DSError]:
+    """Every append in one transaction (group commit): the streams' rows locked in
+    path order (so two batches never deadlock), the rules applied in order in
+    Python, then all writes in three statements."""
     async with pool.acquire() as con, con.transaction():
-        row = await _live(con, path, now, lock=True)
-        producer = None
-        if req.producer is not None:
-            r = await con.fetchrow(
-                "SELECT epoch, seq FROM ds_producers WHERE stream_id = $1 AND producer_id = $2",
-                row.id,
-                req.producer[0],
-            )
-            producer = None if r is None else Producer(r["epoch"], r["seq"])
-        plan = plan_append(row, producer, req, now)
-        if plan.changed:
-            await _insert_chunks(con, row.id, plan.chunks)
-            new = plan.row
+        rows: dict[str, StreamRow] = {}
+        for r in await con.fetch(
+            f"SELECT {_ROW} FROM ds_streams WHERE path = ANY($1::text[]) ORDER BY path FOR UPDATE",
+            sorted({path for path, _ in items}),
+        ):
+            rows[r["path"]] = _row(r)
+        for path, row in list(rows.items()):
+            if not row.deleted and row.expired(now):
+                del rows[path]
+                found = await _find(con, path, now, lock=True)  # deletes it
+                if found is not None:
+                    rows[path] = found
+        wanted = [(rows[p].id, req.producer[0]) for p, req in items if req.producer and p in rows]
+        producers: dict[tuple[int, str], Producer] = {}
+        if wanted:
+            for r in await con.fetch(
+                "SELECT p.stream_id, p.producer_id, p.epoch, p.seq FROM ds_producers AS p "
+                "JOIN unnest($1::bigint[], $2::text[]) AS w(stream_id, producer_id) "
+                "USING (stream_id, producer_id)",
+                [w[0] for w in wanted],
+                [w[1] for w in wanted],
+            ):
+                producers[(r["stream_id"], r["producer_id"])] = Producer(r["epoch"], r["seq"])
+        before = dict(rows)
+        results: list[AppendPlan | DSError] = []
+        chunks: list[tuple[int, int, int, bytes]] = []
+        touched: dict[tuple[int, str], Producer] = {}
+        for path, req in items:
+            row = rows.get(path)
+            try:
+                if row is None:
+                    raise DSError(404, f"no stream at {path}")
+                if row.deleted:
+                    raise DSError(410, f"the stream at {path} was deleted")
+                key = (row.id, req.producer[0]) if req.producer else None
+                plan = plan_append(row, producers.get(key) if key else None, req, now)
+            except DSError as exc:
+                results.append(exc)
+                continue
+            if plan.changed:
+                rows[path] = plan.row
+                chunks += [(row.id, *c) for c in plan.chunks]
+            if plan.producer is not None and key is not None:
+                producers[key] = touched[key] = plan.producer
+            results.append(plan)
+        if chunks:
             await con.execute(
-                "UPDATE ds_streams SET tail = $2, touched = $3, closed = $4, closed_by = $5, "
-                "stream_seq = $6 WHERE id = $1",
-                row.id,
-                new.tail,
-                new.touched,
-                new.closed,
-                orjson.dumps(new.closed_by).decode() if new.closed_by else None,
-                new.stream_seq,
+                "INSERT INTO ds_chunks (stream_id, pos, stop, data) "
+                "SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bytea[])",
+                *(list(col) for col in zip(*chunks, strict=True)),
             )
-        if plan.producer is not None and req.producer is not None:
+        changed = [row for path, row in rows.items() if row is not before.get(path)]
+        if changed:
+            await con.execute(
+                "UPDATE ds_streams AS s SET tail = u.tail, touched = u.touched, closed = u.closed, "
+                "closed_by = u.closed_by, stream_seq = u.stream_seq FROM unnest($1::bigint[], "
+                "$2::bigint[], $3::float8[], $4::bool[], $5::text[], $6::text[]) "
+                "AS u(id, tail, touched, closed, closed_by, stream_seq) WHERE s.id = u.id",
+                [r.id for r in changed],
+                [r.tail for r in changed],
+                [r.touched for r in changed],
+                [r.closed for r in changed],
+                [orjson.dumps(r.closed_by).decode() if r.closed_by else None for r in changed],
+                [r.stream_seq for r in changed],
+            )
+        if touched:
             await con.execute(
                 "INSERT INTO ds_producers (stream_id, producer_id, epoch, seq) "
-                "VALUES ($1, $2, $3, $4) ON CONFLICT (stream_id, producer_id) "
+                "SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[]) "
+                "ON CONFLICT (stream_id, producer_id) "
                 "DO UPDATE SET epoch = EXCLUDED.epoch, seq = EXCLUDED.seq",
-                row.id,
-                req.producer[0],
-                plan.producer.epoch,
-                plan.producer.seq,
+                [k[0] for k in touched],
+                [k[1] for k in touched],
+                [p.epoch for p in touched.values()],
+                [p.seq for p in touched.values()],
             )
-        return plan
+        return results
 
 
 async def _aio_head(pool: asyncpg.Pool, path: str, now: float) -> StreamRow:
@@ -293,8 +342,10 @@ class PostgresStreams:
     async def create(self, path: str, req: Create, now: float) -> tuple[bool, StreamRow]:
         return await self._bridge.postgres(_aio_create, self._pool, path, req, now)
 
-    async def append(self, path: str, req: Append, now: float) -> AppendPlan:
-        return await self._bridge.postgres(_aio_append, self._pool, path, req, now)
+    async def append_many(
+        self, items: Sequence[tuple[str, Append]], now: float
+    ) -> list[AppendPlan | DSError]:
+        return await self._bridge.postgres(_aio_append_many, self._pool, items, now)
 
     async def head(self, path: str, now: float) -> StreamRow:
         async with self._reads:

@@ -45,7 +45,7 @@ from chatd.durable.model import (
 from chatd.durable.reads import Reader
 from chatd.durable.service import Streams
 from chatd.engine.replies import ShuttingDown
-from chatd.errors import Unavailable
+from chatd.errors import StoreError, Unavailable
 from chatd.identity import Identity
 from chatd.protocol import ProtocolError
 from chatd.tokens import TokenError
@@ -158,6 +158,9 @@ class DurableHTTP:
         except DSError as exc:
             extra = [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
             await answer_error(send, exc.status, exc.message, cors + extra, method == "HEAD")
+        except StoreError as exc:
+            log.error("durable streams: storage refused a request: %s", exc)
+            await answer_error(send, 500, "storage refused the request", cors, method == "HEAD")
         except Unavailable as exc:
             await answer_error(
                 send,

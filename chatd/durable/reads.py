@@ -108,6 +108,10 @@ class Reader:
             raise DSError(400, "offset must not be empty")
         pos = parse_offset(raw, None)
         cursor = query.get("cursor", [None])[0]
+        if live is not None and self._draining.is_set():
+            # Refused, not answered empty: clients retry (elsewhere, or here once
+            # restarted) instead of taking an instant end for a broken proxy.
+            raise DSError(503, "the server is shutting down: retry", {"Retry-After": "1"})
         if live == "sse":
             await self._sse(path, pos, cursor, send, cors)
         elif live == "long-poll":

@@ -20,6 +20,7 @@ says "look again". Readers never poll Postgres.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -27,9 +28,9 @@ from contextlib import asynccontextmanager
 import trio
 
 from chatd.config import DurableConfig
-from chatd.durable.model import Append, AppendPlan, Create, StreamRow
+from chatd.durable.model import Append, AppendPlan, Create, DSError, StreamRow
 from chatd.engine.hub import DURABLE_CHANNEL as CHANNEL
-from chatd.errors import Unavailable
+from chatd.errors import StoreError, StoreUnavailable, Unavailable
 from chatd.ports import StreamStore, Transport
 
 log = logging.getLogger("chatd.durable")
@@ -38,6 +39,18 @@ log = logging.getLogger("chatd.durable")
 #: processes then see the change at their next wake or timeout, never lose it).
 _PUBLISH_QUEUE = 10_000
 _WAKE = '{"type":"wake"}'
+#: Appends committed together at most.
+_BATCH = 256
+#: A stream's channel stays subscribed this long after its last live reader.
+_LINGER = 10.0
+_Pending = tuple[str, Append, "trio.MemorySendChannel[AppendPlan | Exception]"]
+
+
+def _answer(answer: trio.MemorySendChannel[AppendPlan | Exception], result: object) -> None:
+    try:
+        answer.send_nowait(result)  # type: ignore[arg-type]
+    except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # the request is gone (its client left)
 
 
 class Streams:
@@ -49,16 +62,21 @@ class Streams:
         transport: Transport,
         cfg: DurableConfig,
         publish: trio.MemorySendChannel[str],
+        appends: trio.MemorySendChannel[_Pending],
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.cfg = cfg
         self._transport = transport
         self._publish = publish
+        self._appends = appends
+        self.batches = 0
         #: Wall-clock seconds: TTLs and Stream-Expires-At are wall-clock times.
         self.now = clock
         self._tickets: dict[str, trio.Event] = {}
         self._readers: dict[str, int] = {}
+        #: Streams with no live reader left: since when (their channel lingers).
+        self._idle: dict[str, float] = {}
         self.appends = 0
         self.wakes_sent = 0
         self.wakes_received = 0
@@ -73,11 +91,19 @@ class Streams:
         return created, row
 
     async def append(self, path: str, req: Append) -> AppendPlan:
-        plan = await self.store.append(path, req, self.now())
+        """Append through the group commit; the plan once it is durable."""
+        answer_send, answer_receive = trio.open_memory_channel[AppendPlan | Exception](1)
+        try:
+            self._appends.send_nowait((path, req, answer_send))
+        except trio.ClosedResourceError:
+            raise StoreUnavailable("the server is shutting down") from None
+        result = await answer_receive.receive()
+        if isinstance(result, Exception):
+            raise result
         self.appends += 1
-        if plan.changed:
+        if result.changed:
             self._changed(path)
-        return plan
+        return result
 
     async def delete(self, path: str) -> None:
         await self.store.delete(path, self.now())
@@ -112,7 +138,7 @@ class Streams:
         """A live reader of ``path`` is here: its channel is subscribed while any is."""
         count = self._readers.get(path, 0)
         self._readers[path] = count + 1
-        if count == 0:
+        if count == 0 and self._idle.pop(path, None) is None:
             self._transport.want(CHANNEL + path)
         try:
             yield
@@ -120,6 +146,17 @@ class Streams:
             self._readers[path] -= 1
             if self._readers[path] == 0:
                 del self._readers[path]
+                # Kept a while: a long-poll client asks again at once, and a
+                # SUBSCRIBE per request would cost Redis and a wake each time.
+                self._idle[path] = trio.current_time()
+
+    async def _unsubscriber(self) -> None:
+        """Drop the channels of streams nobody has read live for ``_LINGER`` seconds."""
+        while True:
+            await trio.sleep(_LINGER / 2)
+            cutoff = trio.current_time() - _LINGER
+            for path in [p for p, since in self._idle.items() if since <= cutoff]:
+                del self._idle[path]
                 self._transport.unwant(CHANNEL + path)
                 self._tickets.pop(path, None)
 
@@ -134,6 +171,35 @@ class Streams:
             event.set()
 
     # -- tasks ------------------------------------------------------------------
+
+    async def _committer(self, incoming: trio.MemoryReceiveChannel[_Pending]) -> None:
+        """Appends waiting together commit together: one transaction, one crossing."""
+        try:
+            async for first in incoming:
+                batch = [first]
+                while len(batch) < _BATCH:
+                    try:
+                        batch.append(incoming.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                results: list[AppendPlan | DSError] | list[Exception]
+                try:
+                    results = await self.store.append_many(
+                        [(p, r) for p, r, _ in batch], self.now()
+                    )
+                except (Unavailable, StoreError) as exc:
+                    results = [exc] * len(batch)
+                self.batches += 1
+                for (_, _, answer), result in zip(batch, results, strict=True):
+                    _answer(answer, result)
+        finally:
+            # Every pending request is answered, on every path.
+            while True:
+                try:
+                    *_, answer = incoming.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                    break
+                _answer(answer, StoreUnavailable("the server is shutting down"))
 
     async def _receive(self, wakes: trio.MemoryReceiveChannel[str]) -> None:
         """Wakes the hub routes here: a path, or "" when anything may have been missed."""
@@ -183,10 +249,15 @@ async def open_streams(
 ) -> AsyncIterator[Streams]:
     """Run the service for the duration of the block. ``wakes``: what the hub routes here."""
     publish_send, publish_receive = trio.open_memory_channel[str](_PUBLISH_QUEUE)
-    streams = Streams(store, transport, cfg, publish_send, clock)
+    # Unbounded in the channel, bounded in practice by HTTP connections.
+    appends_send, appends_receive = trio.open_memory_channel[_Pending](math.inf)
+    streams = Streams(store, transport, cfg, publish_send, appends_send, clock)
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(streams._committer, appends_receive, name="durable committer")
         nursery.start_soon(streams._receive, wakes, name="durable wakes")
         nursery.start_soon(streams._publisher, publish_receive, name="durable publisher")
         nursery.start_soon(streams._sweeper, name="durable expiry")
+        nursery.start_soon(streams._unsubscriber, name="durable unsubscriber")
         yield streams
+        appends_send.close()
         nursery.cancel_scope.cancel()
