@@ -30,6 +30,13 @@ def add_parsers(sub: Any) -> None:
         metavar="ID=RIGHTS",
         help="a grant, e.g. --conv c1=rw --conv 'team-*=r' (repeatable)",
     )
+    p.add_argument(
+        "--stream",
+        action="append",
+        default=[],
+        metavar="PATH=RIGHTS",
+        help="a Durable Streams grant, e.g. --stream 'agents/*=rw' (repeatable)",
+    )
     p.add_argument("--operator", action="store_true", help="may use the operator ops (status)")
     p.add_argument("--ttl", type=float, default=3600.0, metavar="SECONDS")
     p.set_defaults(func=_cmd_token)
@@ -62,19 +69,27 @@ def _cmd_token(args: argparse.Namespace) -> int:
     from chatd.tokens import TokenError, mint
 
     config = _load(args)
-    convs: dict[str, str] = {}
-    for item in args.conv:
-        conv, sep, rights = item.rpartition("=")
-        if not sep or not conv or not rights or not set(rights) <= {"r", "w"}:
-            print(
-                f"chatd: --conv {item!r}: expected ID=RIGHTS with RIGHTS r, w or rw",
-                file=sys.stderr,
-            )
-            return 2
-        convs[conv] = rights
+    grants: dict[str, dict[str, str]] = {"conv": {}, "stream": {}}
+    for flag, items in (("conv", args.conv), ("stream", args.stream)):
+        for item in items:
+            name, sep, rights = item.rpartition("=")
+            if not sep or not name or not rights or not set(rights) <= {"r", "w"}:
+                print(
+                    f"chatd: --{flag} {item!r}: expected NAME=RIGHTS with RIGHTS r, w or rw",
+                    file=sys.stderr,
+                )
+                return 2
+            grants[flag][name] = rights
     try:
         check_user(args.user, (config.streams.assistant_user,))
-        token = mint(config.auth, args.user, convs=convs, operator=args.operator, ttl=args.ttl)
+        token = mint(
+            config.auth,
+            args.user,
+            convs=grants["conv"],
+            streams=grants["stream"],
+            operator=args.operator,
+            ttl=args.ttl,
+        )
     except (IdentityError, TokenError) as exc:
         print(f"chatd: {exc}", file=sys.stderr)
         return 2

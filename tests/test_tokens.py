@@ -195,3 +195,21 @@ async def test_minted_tokens_verify():
         identity = await TokenVerifier(cfg, keys, RESERVED).verify(token)
     assert identity.user == "carol" and identity.grants.operator
     assert identity.grants.rights("team-x") == "r"
+
+
+async def test_the_token_command_grants_streams(tmp_path, capsys):
+    from chatd.cli import main
+
+    conf = tmp_path / "chatd.toml"
+    conf.write_text(f'[auth]\nmode = "jwt"\nsecret = "{SECRET}"\n')
+    code = main(
+        ["--config", str(conf), "token", "dora", "--stream", "agents/*=rw", "--conv", "c=r"]
+    )
+    assert code == 0
+    token = capsys.readouterr().out.strip()
+    cfg = AuthConfig(mode="jwt", secret=SECRET)
+    async with open_keys(cfg) as keys:
+        grants = (await TokenVerifier(cfg, keys, RESERVED).verify(token)).grants
+    assert grants.stream_rights("agents/7") == "rw" and grants.stream_rights("other") == ""
+    assert grants.rights("c") == "r"
+    assert main(["--config", str(conf), "token", "dora", "--stream", "x=z"]) == 2

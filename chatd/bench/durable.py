@@ -46,15 +46,30 @@ class _Conn:
     """One keep-alive HTTP/1.1 connection, as lean as a load generator must be
     (httpx costs more CPU per request than the servers measured here)."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self, base: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self._base = base
         self._reader, self._writer = reader, writer
 
     @classmethod
     async def open(cls, base: str) -> _Conn:
         host, port = base.removeprefix("http://").split(":")
-        return cls(*await asyncio.open_connection(host, int(port)))
+        return cls(base, *await asyncio.open_connection(host, int(port)))
 
     async def request(
+        self, method: str, path: str, headers: dict[str, str], body: bytes = b""
+    ) -> tuple[int, dict[str, str], bytes]:
+        """One request; a server closing the connection (hypercorn ends a keep-alive
+        connection after 1,000 requests) costs a new connection, as for real clients."""
+        status, got, data = await self._request(method, path, headers, body)
+        if got.get("connection", "").lower() == "close":
+            self.close()
+            host, port = self._base.removeprefix("http://").split(":")
+            self._reader, self._writer = await asyncio.open_connection(host, int(port))
+        return status, got, data
+
+    async def _request(
         self, method: str, path: str, headers: dict[str, str], body: bytes = b""
     ) -> tuple[int, dict[str, str], bytes]:
         head = f"{method} {path} HTTP/1.1\r\nHost: bench\r\nContent-Length: {len(body)}\r\n"
