@@ -192,3 +192,10 @@ async def test_bench_survive(tmp_path):
     assert transient["redis_lost"]["lost_chars_p50"] > 0
     assert checkpoint["redis_lost"]["lost_tokens_max"] < transient["redis_lost"]["lost_tokens_max"]
     assert checkpoint["cost"]["busy"]["wal"] > transient["cost"]["busy"]["wal"]
+
+
+async def test_bench_durable(tmp_path):
+    r = await _bench(tmp_path, "durable", "--seconds", "0.5", "--writers", "2", "--pairs", "1")
+    for server in ("chatd", "reference_file", "reference_memory"):
+        assert r[server]["appends_per_s"] > 0 and r[server]["producer_appends_per_s"] > 0
+        assert r[server]["sse"]["samples"] > 0 and r[server]["long-poll"]["samples"] > 0

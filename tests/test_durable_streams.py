@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from chatd.chaos import Chaos
 from chatd.server import serve
@@ -102,6 +103,18 @@ async def test_a_long_poll_is_woken_by_an_append_in_another_process(
                         await trio.sleep(0.01)
             assert got[0].status_code == 200 and got[0].text == f"r{round_}"
             tail = got[0].headers["Stream-Next-Offset"]
+        # The metrics count it: A's appends and the wakes it sent, B's wakes received.
+        scraped = {}
+        for name, http in (("a", ha), ("b", hb)):
+            text = (await http.get("/metrics")).text
+            scraped[name] = {
+                (s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text)
+                for s in family.samples
+            }
+        assert scraped["a"][("chatd_durable_appends_total", ())] >= 3
+        assert scraped["a"][("chatd_durable_wakes_total", (("kind", "sent"),))] >= 3
+        assert scraped["b"][("chatd_durable_wakes_total", (("kind", "received"),))] >= 3
     assert b.engine.streams is not None and b.engine.streams.wakes_received >= 3
 
 

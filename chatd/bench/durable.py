@@ -184,7 +184,16 @@ async def _latency(
                         return
 
         reader = long_poll if mode == "long-poll" else sse
-        await asyncio.gather(*(write(p) for p in range(pairs)), *(reader(p) for p in range(pairs)))
+
+        async def bounded(p: int) -> None:
+            # A reader waiting when the writers stop would wait out the
+            # server's long-poll timeout (or SSE's length): its phase is over.
+            try:
+                await asyncio.wait_for(reader(p), timeout=seconds + 1.0)
+            except TimeoutError:
+                pass
+
+        await asyncio.gather(*(write(p) for p in range(pairs)), *(bounded(p) for p in range(pairs)))
     return out
 
 
@@ -263,7 +272,7 @@ def run(config: Config, args: Any, tmp: Path) -> dict[str, Any]:
 
 def _print(res: dict[str, Any]) -> None:
     c, f, m = res["chatd"], res["reference_file"], res["reference_memory"]
-    print(f"\nDurable Streams — {res['machine']}")
+    print(f"\nDurable Streams; machine: {res['machine']}")
     print(f"{'':34}{'chatd':>12}{'ref (file)':>12}{'ref (mem)':>12}{'chatd/file':>12}")
     for key, label in (
         ("appends_per_s", "appends/s"),
@@ -278,4 +287,5 @@ def _print(res: dict[str, Any]) -> None:
                 f"{c[mode][q] / f[mode][q]:12.2f}"
             )
     print(f"{'server cores used':34}{c['cores']:12.2f}{f['cores']:12.2f}{m['cores']:12.2f}")
-    print(json.dumps({k: res[k]["long-poll"]["samples"] for k in ("chatd", "reference_file")}))
+    samples = {k: res[k]["long-poll"]["samples"] for k in ("chatd", "reference_file")}
+    print(f"long-poll latency samples: {json.dumps(samples)}")

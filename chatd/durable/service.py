@@ -100,7 +100,6 @@ class Streams:
         result = await answer_receive.receive()
         if isinstance(result, Exception):
             raise result
-        self.appends += 1
         if result.changed:
             self._changed(path)
         return result
@@ -125,6 +124,20 @@ class Streams:
 
     async def head(self, path: str) -> StreamRow:
         return await self.store.head(path, self.now())
+
+    @property
+    def live_readers(self) -> int:
+        return sum(self._readers.values())
+
+    def status(self) -> dict[str, int]:
+        return {
+            "durable_appends": self.appends,
+            "durable_append_batches": self.batches,
+            "durable_live_readers": self.live_readers,
+            "durable_wakes_sent": self.wakes_sent,
+            "durable_wakes_received": self.wakes_received,
+            "durable_wakes_dropped": self.wakes_dropped,
+        }
 
     def ticket(self, path: str) -> trio.Event:
         """Set at the next change of ``path`` (take it before reading)."""
@@ -190,6 +203,7 @@ class Streams:
                 except (Unavailable, StoreError) as exc:
                     results = [exc] * len(batch)
                 self.batches += 1
+                self.appends += len(batch)
                 for (_, _, answer), result in zip(batch, results, strict=True):
                     _answer(answer, result)
         finally:

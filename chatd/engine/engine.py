@@ -167,6 +167,7 @@ class Engine:
             "refusals": dict(self.refusals.counts),
             "handshakes_refused": dict(self.gate.refused),
             **self.replies.status(),
+            **(self.streams.status() if self.streams is not None else {}),
             "chaos": self.chaos.status(),
         }
         try:

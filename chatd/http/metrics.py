@@ -235,6 +235,30 @@ class EngineCollector:
                 restarts.add_metric([name], watch.restarts[name])
             yield up
             yield restarts
+        streams = e.streams
+        if streams is not None:
+            yield _counter(
+                "chatd_durable_appends", "Durable Streams appends answered", streams.appends
+            )
+            yield _counter(
+                "chatd_durable_append_batches",
+                "Group commits of Durable Streams appends",
+                streams.batches,
+            )
+            yield _gauge(
+                "chatd_durable_live_readers",
+                "Long-poll and SSE readers waiting on Durable Streams",
+                streams.live_readers,
+            )
+            wakes = CounterMetricFamily(
+                "chatd_durable_wakes",
+                "Durable stream changes published to other processes, received, or dropped",
+                labels=["kind"],
+            )
+            wakes.add_metric(["sent"], streams.wakes_sent)
+            wakes.add_metric(["received"], streams.wakes_received)
+            wakes.add_metric(["dropped"], streams.wakes_dropped)
+            yield wakes
         yield _gauge("chatd_ready", "1 while /readyz answers 200", int(ready.ready))
         yield _gauge("chatd_draining", "1 once a shutdown began", int(ready.draining))
         yield _gauge(
