@@ -18,12 +18,13 @@ from chatd.durable.model import (
     Producer,
     StreamRow,
     check_create,
+    check_existing,
+    check_source,
     chunk_body,
     fork_chunks,
     fork_position,
     new_stream,
     plan_append,
-    same_config,
     window,
 )
 
@@ -59,19 +60,12 @@ class MemoryStreams:
         check_create(req)
         row = self._find(path, now)
         if row is not None:
-            if row.deleted:
-                raise DSError(409, f"{path} was deleted and cannot be created again yet")
-            if not same_config(row, req):
-                raise DSError(409, f"a stream with another configuration exists at {path}")
+            check_existing(row, req, path)
             return False, row
         source = None
         chunks: list[Chunk] = []
         if req.fork_of is not None:
-            source = self._find(req.fork_of, now)
-            if source is None:
-                raise DSError(404, f"no source stream at {req.fork_of}")
-            if source.deleted:
-                raise DSError(409, f"the source stream {req.fork_of} was deleted")
+            source = check_source(self._find(req.fork_of, now), req.fork_of)
         row = new_stream(next(self._ids), path, req, now, source)
         if source is not None:
             pos = fork_position(source, req)

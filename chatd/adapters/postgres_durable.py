@@ -30,12 +30,13 @@ from chatd.durable.model import (
     Producer,
     StreamRow,
     check_create,
+    check_existing,
+    check_source,
     chunk_body,
     fork_chunks,
     fork_position,
     new_stream,
     plan_append,
-    same_config,
     window,
 )
 
@@ -165,19 +166,12 @@ async def _aio_create(
         await con.execute("SELECT pg_advisory_xact_lock(hashtext($1))", path)
         row = await _find(con, path, now, lock=True)
         if row is not None:
-            if row.deleted:
-                raise DSError(409, f"{path} was deleted and cannot be created again yet")
-            if not same_config(row, req):
-                raise DSError(409, f"a stream with another configuration exists at {path}")
+            check_existing(row, req, path)
             return False, row
         source = None
         chunks: list[Chunk] = []
         if req.fork_of is not None:
-            source = await _find(con, req.fork_of, now, lock=True)
-            if source is None:
-                raise DSError(404, f"no source stream at {req.fork_of}")
-            if source.deleted:
-                raise DSError(409, f"the source stream {req.fork_of} was deleted")
+            source = check_source(await _find(con, req.fork_of, now, lock=True), req.fork_of)
         row = new_stream(0, path, req, now, source)
         if source is not None:
             pos = fork_position(source, req)

@@ -316,6 +316,23 @@ def same_config(row: StreamRow, req: Create) -> bool:
     return req.closed == row.closed
 
 
+def check_existing(row: StreamRow, req: Create, path: str) -> None:
+    """A PUT of a path that holds a stream: fine (200) only with the same configuration."""
+    if row.deleted:
+        raise DSError(409, f"{path} was deleted and cannot be created again yet")
+    if not same_config(row, req):
+        raise DSError(409, f"a stream with another configuration exists at {path}")
+
+
+def check_source(source: StreamRow | None, path: str) -> StreamRow:
+    """A fork's source must exist and not be deleted."""
+    if source is None:
+        raise DSError(404, f"no source stream at {path}")
+    if source.deleted:
+        raise DSError(409, f"the source stream {path} was deleted")
+    return source
+
+
 def check_create(req: Create) -> None:
     if req.ttl is not None and req.expires_at is not None:
         raise DSError(400, "give Stream-TTL or Stream-Expires-At, not both")
