@@ -40,7 +40,6 @@ from chatd.chaos import Chaos
 from chatd.config import Config, ConfigError, ServerConfig
 from chatd.config_checks import operator_address
 from chatd.durable.agents import AgentReplies
-from chatd.durable.conversations import Conversations
 from chatd.durable.http import DurableHTTP
 from chatd.embedded import EmbeddedServices
 from chatd.embedded.supervisor import EmbeddedWatch
@@ -312,9 +311,9 @@ def _tls(cfg: ServerConfig) -> ssl.SSLContext | None:
 def _durable_http(
     config: Config, engine: Engine, verifier: TokenVerifier | None
 ) -> DurableHTTP | None:
-    if engine.streams is None:
+    if engine.streams is None or engine.conversations is None:
         return None
-    conversations = Conversations(engine.log, engine.hub)
+    conversations = engine.conversations
     return DurableHTTP(
         engine.streams,
         anonymous=config.auth.mode == "anonymous",

@@ -34,6 +34,8 @@ PREFIX = "/v1/conversations/"
 #: Watchers are hub subscribers: their ids stay clear of sessions' (counted from 1).
 _ids = itertools.count(1 << 48)
 _WAKING = ('{"type":"message"', '{"type":"snapshot"')
+#: A conversation stays joined this long after its last live reader.
+_LINGER = 10.0
 #: Messages one read returns at most (and the byte budget).
 _PAGE = 500
 
@@ -68,6 +70,8 @@ class Conversations:
         self._log = log
         self._hub = hub
         self._watchers: dict[str, _Watcher] = {}
+        #: Watchers with no reader left: since when (they linger, see _LINGER).
+        self._idle: dict[str, float] = {}
 
     async def last_seq(self, conv: str) -> int:
         """The conversation's latest seq (0: none yet)."""
@@ -109,14 +113,35 @@ class Conversations:
         if watcher is None:
             watcher = self._watchers[path] = _Watcher()
             self._hub.join(watcher, path, None, None)
+        self._idle.pop(path, None)
         watcher.readers += 1
         try:
             yield
         finally:
             watcher.readers -= 1
             if watcher.readers == 0:
-                del self._watchers[path]
-                self._hub.leave(watcher, path)
+                # Kept a while: a long-poll client asks again at once, and a
+                # join per request would cost a snapshot read each time.
+                self._idle[path] = trio.current_time()
+
+    async def _sweep(self) -> None:
+        """Leave the conversations nobody has read live for ``_LINGER`` seconds."""
+        while True:
+            await trio.sleep(_LINGER / 2)
+            cutoff = trio.current_time() - _LINGER
+            for path in [p for p, since in self._idle.items() if since <= cutoff]:
+                del self._idle[path]
+                self._hub.leave(self._watchers.pop(path), path)
+
+
+@asynccontextmanager
+async def open_conversations(log: Log, hub: Hub) -> AsyncIterator[Conversations]:
+    """Conversations as streams, for the duration of the block (its sweep task)."""
+    conversations = Conversations(log, hub)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(conversations._sweep, name="conversation streams")
+        yield conversations
+        nursery.cancel_scope.cancel()
 
 
 def conversation_id(raw: str) -> str:

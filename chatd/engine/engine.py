@@ -28,6 +28,7 @@ import trio
 
 from chatd.chaos import Chaos
 from chatd.config import Config
+from chatd.durable.conversations import Conversations, open_conversations
 from chatd.durable.service import Streams, open_streams
 from chatd.engine.access import Access, open_access
 from chatd.engine.committer import Committer, open_committer
@@ -69,6 +70,8 @@ class Engine:
     shutdown: ShutdownClock
     #: Durable Streams ([durable]), when the server has a store for them.
     streams: Streams | None = None
+    #: Conversations read as Durable Streams (with ``streams``).
+    conversations: Conversations | None = None
     sessions: set[Session] = field(default_factory=set)
     counters: SessionCounters = field(default_factory=SessionCounters)
 
@@ -224,6 +227,7 @@ async def open_engine(
             durable=wake_send if streams is not None else None,
         ) as hub,
         _maybe_streams(streams, transport, config, wake_receive) as durable,
+        _maybe_conversations(durable, log, hub) as conversations,
         open_access(log, config.auth) as access,
         open_replies(
             config.streams,
@@ -254,7 +258,19 @@ async def open_engine(
             gate,
             shutdown,
             durable,
+            conversations,
         )
+
+
+@asynccontextmanager
+async def _maybe_conversations(
+    streams: Streams | None, log: Log, hub: Hub
+) -> AsyncIterator[Conversations | None]:
+    if streams is None:
+        yield None
+        return
+    async with open_conversations(log, hub) as conversations:
+        yield conversations
 
 
 @asynccontextmanager
