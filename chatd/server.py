@@ -186,7 +186,12 @@ async def _serve(
         ) as engine,
         trio.open_nursery() as handlers,
     ):
-        server = Server(config, engine, Readiness(engine, config.http), HttpFace(config.http))
+        server = Server(
+            config,
+            engine,
+            Readiness(engine, config.http),
+            HttpFace(config.http, config.limits.write_timeout),
+        )
         server.durable = _durable_http(config, engine, verifier)
         registry = registry_for(server)
         try:

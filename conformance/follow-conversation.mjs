@@ -13,7 +13,7 @@ const res = await stream({
   url,
   offset: process.env.DS_OFFSET || "-1",
   live,
-  backoffOptions: { initialDelay: 50, maxDelay: 500, multiplier: 2 },
+  backoffOptions: { initialDelay: 50, maxDelay: 500, multiplier: 2, debug: !!process.env.DS_DEBUG },
   // Retry whatever fails (a server restarting): the offset makes it exact.
   onError: () => ({}),
 })

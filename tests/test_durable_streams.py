@@ -296,6 +296,7 @@ async def test_the_official_client_follows_a_conversation_across_a_restart(
             "DS_URL": f"{a.http_url}/v1/conversations/{conv}",
             "DS_WANT": "9",
             "DS_LIVE": live,
+            "DS_DEBUG": "1",
         },
         stdout=subprocess.PIPE,
     )
@@ -306,12 +307,17 @@ async def test_the_official_client_follows_a_conversation_across_a_restart(
         async for chunk in proc.stdout:
             buf += chunk
             *done, buf = buf.split(b"\n")
-            lines.extend(json.loads(x) for x in done if x.strip())
+            for x in done:
+                if x.startswith(b"{"):
+                    lines.append(json.loads(x))
+                else:
+                    print("client:", x.decode(errors="replace"))
 
     async def until(count: int) -> None:
-        with trio.fail_after(30):
+        with trio.move_on_after(30):
             while len(lines) < count:
                 await trio.sleep(0.05)
+        assert len(lines) >= count, f"the client saw {lines}, waiting for {count}"
 
     async with trio.open_nursery() as n:
         n.start_soon(read_lines)
@@ -332,3 +338,45 @@ async def test_the_official_client_follows_a_conversation_across_a_restart(
     assert [x["seq"] for x in lines] == list(range(1, 10))
     assert [x["id"] for x in lines][3:6] == [f"while-down-{i}" for i in range(3)]
     assert proc.returncode == 0
+
+
+async def test_an_sse_reader_that_stops_reading_is_cut_and_others_are_undisturbed(
+    nursery, postgres, redis_server
+):
+    cfg = _config(postgres, redis_server, long_poll_timeout=5.0)
+    cfg = replace(cfg, limits=replace(cfg.limits, write_timeout=1.0))
+    srv = await nursery.start(serve, cfg)
+    streams = srv.engine.streams
+    assert streams is not None
+    path = "/v1/stream/big"
+    chunk = b"x" * 60_000
+    async with httpx.AsyncClient(base_url=srv.http_url, timeout=30) as http:
+        await http.put(path, headers={"Content-Type": "text/plain"})
+        for _ in range(150):  # 9 MB: more than the socket buffers hold
+            await http.post(path, content=chunk, headers={"Content-Type": "text/plain"})
+
+        # A reader that asks for all of it over SSE and never reads a byte.
+        sock = trio.socket.socket()
+        # A small receive window: the server's writes block after a few MB.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await sock.connect(("127.0.0.1", srv.port))
+        stalled = trio.SocketStream(sock)
+        await stalled.send_all(
+            f"GET {path}?offset=-1&live=sse HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        )
+        # Meanwhile a bystander appends and reads as usual.
+        latencies = []
+        for i in range(20):
+            t0 = trio.current_time()
+            await http.post(path + "-side", content=b"x", headers={"Content-Type": "text/plain"})
+            if i == 0:
+                await http.put(path + "-side", headers={"Content-Type": "text/plain"})
+            await http.get(path + "-side")
+            latencies.append(trio.current_time() - t0)
+            await trio.sleep(0.1)
+        # The stalled reader was cut within the write deadline, and let go of.
+        with trio.fail_after(10):
+            while streams.live_readers:
+                await trio.sleep(0.05)
+        assert max(latencies) < 1.0, latencies
+    await stalled.aclose()

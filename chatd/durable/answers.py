@@ -19,6 +19,7 @@ from chatd.durable.model import StreamRow, format_expires, is_json, offset
 
 Scope = dict[str, Any]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
 Chunk = tuple[int, int, bytes]
 Headers = list[tuple[bytes, bytes]]
 

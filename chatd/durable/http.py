@@ -139,7 +139,7 @@ class DurableHTTP:
                     raise DSError(405, "a conversation's stream is read-only: send over WebSocket")
                 await self._authorize_conversation(conv, headers, "r")
                 await self._conversations.get(
-                    conv, headers, scope, send, cors, head=method == "HEAD"
+                    conv, headers, scope, receive, send, cors, head=method == "HEAD"
                 )
                 return
             path = _stream_path(scope["path"])
@@ -149,7 +149,9 @@ class DurableHTTP:
             elif method == "POST":
                 await self._post(path, headers, await self._body(receive), send, cors)
             elif method in ("GET", "HEAD"):
-                await self._reader.get(path, headers, scope, send, cors, head=method == "HEAD")
+                await self._reader.get(
+                    path, headers, scope, receive, send, cors, head=method == "HEAD"
+                )
             elif method == "DELETE":
                 await self._streams.delete(path)
                 await answer(send, 204, cors)
@@ -158,6 +160,9 @@ class DurableHTTP:
         except DSError as exc:
             extra = [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
             await answer_error(send, exc.status, exc.message, cors + extra, method == "HEAD")
+        except trio.TooSlowError:
+            # A client that stopped reading: its connection is cut, nobody else waits.
+            log.info("durable streams: a client stopped reading; its response was cut")
         except StoreError as exc:
             log.error("durable streams: storage refused a request: %s", exc)
             await answer_error(send, 500, "storage refused the request", cors, method == "HEAD")

@@ -19,6 +19,7 @@ import trio
 from chatd.config import DurableConfig
 from chatd.durable.answers import (
     Headers,
+    Receive,
     Scope,
     Send,
     answer,
@@ -31,6 +32,7 @@ from chatd.durable.answers import (
     sse_event,
 )
 from chatd.durable.model import DSError, StreamRow, is_text, offset, parse_offset
+from chatd.errors import StoreError, Unavailable
 
 Chunk = tuple[int, int, bytes]
 _CATCHUP_CACHE = b"private, max-age=60, stale-while-revalidate=300"
@@ -67,9 +69,10 @@ class Reader:
         #: from its offset elsewhere, or here after the restart).
         self._draining = draining
 
-    async def _wait(self, ticket: trio.Event) -> None:
-        """Until the stream changes or the server drains."""
-        if self._draining.is_set():
+    @staticmethod
+    async def _wait(ticket: trio.Event, stop: trio.Event) -> None:
+        """Until the stream changes, or the read should end (``stop``)."""
+        if stop.is_set():
             return
         async with trio.open_nursery() as nursery:
 
@@ -78,13 +81,14 @@ class Reader:
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(until, ticket)
-            nursery.start_soon(until, self._draining)
+            nursery.start_soon(until, stop)
 
     async def get(
         self,
         path: str,
         headers: dict[str, str],
         scope: Scope,
+        receive: Receive,
         send: Send,
         cors: Headers,
         *,
@@ -112,10 +116,24 @@ class Reader:
             # Refused, not answered empty: clients retry (elsewhere, or here once
             # restarted) instead of taking an instant end for a broken proxy.
             raise DSError(503, "the server is shutting down: retry", {"Retry-After": "1"})
-        if live == "sse":
-            await self._sse(path, pos, cursor, send, cors)
-        elif live == "long-poll":
-            await self._long_poll(path, pos, cursor, send, cors)
+        if live is not None:
+            refused: Exception | None = None
+            # The read ends, answered as usual, when the server drains or its client
+            # leaves (hypercorn says so through receive): never left to its timeout.
+            stop = trio.Event()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_until_disconnect, receive, stop)
+                nursery.start_soon(_until_set, self._draining, stop)
+                try:
+                    if live == "sse":
+                        await self._sse(path, pos, cursor, send, cors, stop)
+                    else:
+                        await self._long_poll(path, pos, cursor, send, cors, stop)
+                except (DSError, Unavailable, StoreError, trio.TooSlowError) as exc:
+                    refused = exc  # answered by the caller, not wrapped in a group
+                nursery.cancel_scope.cancel()
+            if refused is not None:
+                raise refused
         else:
             await self._catch_up(path, pos, headers, send, cors)
 
@@ -156,6 +174,7 @@ class Reader:
         cursor: str | None,
         send: Send,
         cors: Headers,
+        stop: trio.Event,
     ) -> None:
         deadline = trio.current_time() + self._cfg.long_poll_timeout
         async with self._source.reading(path):
@@ -172,10 +191,10 @@ class Reader:
                     out.append((b"cache-control", b"no-store"))
                     await answer(send, 200, [*cors, *out], body)
                     return
-                if row.closed or trio.current_time() >= deadline or self._draining.is_set():
+                if row.closed or trio.current_time() >= deadline or stop.is_set():
                     break
                 with trio.move_on_at(deadline):
-                    await self._wait(ticket)
+                    await self._wait(ticket, stop)
         out = [
             (b"stream-next-offset", offset(row.tail).encode()),
             (b"stream-up-to-date", b"true"),
@@ -193,6 +212,7 @@ class Reader:
         cursor: str | None,
         send: Send,
         cors: Headers,
+        stop: trio.Event,
     ) -> None:
         # The first read answers 404/410 as a plain error, before the stream starts.
         row, start, chunks = await self._read(path, pos)
@@ -207,6 +227,7 @@ class Reader:
             out.append((b"stream-sse-data-encoding", b"base64"))
         await self._write(send, {"type": "http.response.start", "status": 200, "headers": out})
         end = trio.current_time() + self._cfg.sse_max_seconds
+        told = None  # the last control event sent: a wake with no change repeats nothing
         async with self._source.reading(path):
             with trio.move_on_at(end):
                 while True:
@@ -224,20 +245,24 @@ class Reader:
                         control["streamCursor"] = cursor_value(cursor)
                         if at_tail:
                             control["upToDate"] = True
-                    if chunks or at_tail:
+                    state = (start, row.closed)
+                    if chunks or (at_tail and state != told):
                         # A data event and its control event go in one write.
                         events.append(("control", orjson.dumps(control).decode()))
                         await self._events(send, events)
+                        told = state
                     if row.closed and at_tail:
                         break
                     if at_tail:
-                        if self._draining.is_set():
+                        if stop.is_set():
                             break  # ended cleanly: the client resumes from the last control
-                        await self._wait(ticket)
+                        await self._wait(ticket, stop)
                     try:
                         row, start, chunks = await self._read(path, start)
-                    except DSError:
-                        break  # deleted while read: the stream just ends
+                    except (DSError, Unavailable):
+                        # Deleted, or the store is down: the response ends (its
+                        # status is long sent); the client resumes from its offset.
+                        break
         await self._write(send, {"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _events(self, send: Send, events: list[tuple[str, str]]) -> None:
@@ -250,3 +275,14 @@ class Reader:
         """Every write to a client has a deadline: a reader that stops reading is cut."""
         with trio.fail_after(self._write_timeout):
             await send(message)
+
+
+async def _until_disconnect(receive: Receive, stop: trio.Event) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    stop.set()
+
+
+async def _until_set(event: trio.Event, stop: trio.Event) -> None:
+    await event.wait()
+    stop.set()

@@ -31,7 +31,7 @@ from hypercorn.trio.worker_context import WorkerContext
 
 from chatd.adapters.websocket import WsAcceptor
 from chatd.config import HttpConfig
-from chatd.http.sniff import plain_response, sniff
+from chatd.http.sniff import Prefaced, plain_response, sniff
 
 log = logging.getLogger("chatd.http")
 
@@ -44,8 +44,10 @@ _ACCEPT_CAPACITY = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 class HttpFace:
     """hypercorn's per-connection handler, with chatd's limits and shutdown."""
 
-    def __init__(self, cfg: HttpConfig) -> None:
+    def __init__(self, cfg: HttpConfig, write_timeout: float = 10.0) -> None:
         self.cfg = cfg
+        #: [limits].write_timeout: a response the client stops reading is cut after it.
+        self._write_timeout = write_timeout or None
         hc = HypercornConfig()
         hc.keep_alive_timeout = cfg.keep_alive
         hc.read_timeout = math.ceil(cfg.header_timeout)
@@ -66,6 +68,9 @@ class HttpFace:
             await _refuse(stream, 503, b"Service Unavailable", b"too many HTTP connections\n")
             return
         self.open += 1
+        if not isinstance(stream, Prefaced):
+            stream = Prefaced(stream, b"")  # the operator's listener
+        stream.write_timeout = self._write_timeout
         try:
             await TCPServer(ASGIWrapper(app), self._hconfig, self._context, {}, stream).run()
         finally:

@@ -38,6 +38,8 @@ class Prefaced(trio.abc.HalfCloseableStream):
         self.tls = transport is not stream
         #: The peer's host (per-address limits) and host:port (logs).
         self.peer_host, self.peer = _peer(self.socket)
+        #: A write making no progress for this long breaks the connection (None: no limit).
+        self.write_timeout: float | None = None
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         if self._preface:
@@ -48,7 +50,18 @@ class Prefaced(trio.abc.HalfCloseableStream):
         return await self.stream.receive_some(max_bytes)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.stream.send_all(data)
+        if self.write_timeout is None:
+            await self.stream.send_all(data)
+            return
+        # hypercorn shields its writes from cancellation (a cut write would corrupt
+        # the response), so a reader that stopped reading would hold its
+        # connection, its handler and the shutdown for ever. This inner deadline
+        # still applies; the stream is closed, which hypercorn takes as the end.
+        with trio.move_on_after(self.write_timeout) as scope:
+            await self.stream.send_all(data)
+        if scope.cancelled_caught:
+            await trio.aclose_forcefully(self.stream)
+            raise trio.BrokenResourceError(f"the client took no data for {self.write_timeout:g}s")
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.stream.wait_send_all_might_not_block()
