@@ -224,3 +224,34 @@ async def test_a_batch_applies_its_appends_in_order_and_refuses_each_on_its_own(
     assert kinds == [200, 204, 200, 204, ("refused", 409), ("refused", 404), 204, ("refused", 409)]
     assert await _all(store, a) == b"123"
     assert (await store.head(a, T0)).closed and (await store.head(b, T0)).tail == 2
+
+
+async def test_a_failing_batch_is_refused_and_the_service_goes_on():
+    """A bug in the store fails its batch's requests (StoreError), not the server."""
+    import trio
+
+    from chatd.adapters.memory_durable import MemoryStreams
+    from chatd.adapters.memory_transport import MemoryBroker, MemoryTransport
+    from chatd.chaos import Chaos
+    from chatd.config import DurableConfig
+    from chatd.durable.service import open_streams
+    from chatd.errors import StoreError
+
+    class Flaky(MemoryStreams):
+        broken = True
+
+        async def append_many(self, items, now):
+            if self.broken:
+                raise RuntimeError("a bug")
+            return await super().append_many(items, now)
+
+    store = Flaky()
+    transport = MemoryTransport(MemoryBroker(), Chaos())
+    _, wakes = trio.open_memory_channel[str](10)
+    async with open_streams(store, transport, DurableConfig(), wakes) as streams:
+        await streams.create("t/x", _create())
+        with pytest.raises(StoreError):
+            await streams.append("t/x", _append(b"lost"))
+        store.broken = False
+        plan = await streams.append("t/x", _append(b"kept"))
+        assert plan.headers["Stream-Next-Offset"] == offset(4)

@@ -202,6 +202,11 @@ class Streams:
                     )
                 except (Unavailable, StoreError) as exc:
                     results = [exc] * len(batch)
+                except Exception:
+                    # A bug must not end the service (and the server): this batch
+                    # is refused, the next one is tried afresh.
+                    log.exception("durable streams: a batch of appends failed")
+                    results = [StoreError("internal error; nothing was stored")] * len(batch)
                 self.batches += 1
                 self.appends += len(batch)
                 for (_, _, answer), result in zip(batch, results, strict=True):
