@@ -237,6 +237,11 @@ class World:
     def convs(self) -> list[str]:
         return [self.conv(i) for i in range(CONVS)]
 
+    @property
+    def others(self) -> int:
+        """Connections to the server besides the senders and the watchers."""
+        return 0
+
     def all_watchers(self) -> list[Watcher]:
         return self.watchers + [w for w, _ in self.old_watchers]
 

@@ -30,6 +30,8 @@ PATHS = {
     "vanished_reply": "a reply ended unseen (pub/sub cut); its followers got the end",
     "slow_consumer": "a client that stopped reading was closed (4008) and resumed",
     "paged_catchup": "a reconnect's catch-up came in pages (snapshots with more)",
+    "access_refused": "an op without the right to it was refused (forbidden)",
+    "access_revoked": "a revoked member's live subscription was ended",
 }
 
 
@@ -53,6 +55,10 @@ def of_engine(engine: Engine) -> Counter[str]:
             "owed_reply": replies.owed.paid,
             "vanished_reply": hub.counters.vanished_replies,
             "slow_consumer": engine.counters.slow_disconnects,
+            "access_refused": sum(
+                n for (_, code), n in engine.counters.ops.items() if code == "forbidden"
+            ),
+            "access_revoked": engine.counters.revoked_subscriptions,
         }
     )
 

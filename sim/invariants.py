@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from fuzz.invariants import check_given_rows
-from sim.runner import LEASE
+from sim import intruder as intr
+from sim.config import LEASE
 
 if TYPE_CHECKING:
     from sim.world import SimWorld
@@ -66,6 +67,11 @@ async def check(world: SimWorld) -> None:
         rows_by_conv[conv] = stored
     await world.quiet()  # a watcher closed as a slow consumer has reconnected
     await check_given_rows(world, rows_by_conv)
+    intr.check_nothing_stored(world)  # 10: no access without a grant
+    if world.intruder is not None:
+        await intr.settle(world, world.intruder)
+        await world.intruder.probe(world)
+        world.intruder.check_frames(world)
 
 
 async def _replies_end(world: SimWorld) -> None:

@@ -156,6 +156,45 @@ MUTANTS = [m for m in FUZZ_MUTANTS if m.name in _FROM_FUZZ] + [
             ),
         ),
     ),
+    Mutant(
+        "watch-inverted",
+        "access: subscriptions allowed by the token's grants are re-checked, those "
+        "allowed by a membership are not (a revoked member keeps reading)",
+        (
+            (
+                "chatd/engine/ops.py",
+                '    if "r" not in identity.grants.rights(conv):\n        s.services.access.watch(',
+                '    if "r" in identity.grants.rights(conv):  # PLANTED\n'
+                "        s.services.access.watch(",
+            ),
+        ),
+    ),
+    Mutant(
+        "history-unchecked",
+        "sessions: a history page is read without checking the read right",
+        (
+            (
+                "chatd/engine/ops.py",
+                "    assert s.identity is not None\n    await s.services.access.require(s.identity, "
+                'conv, "r", req.ref)\n    async with s.services.history_slots:\n',
+                "    assert s.identity is not None  # PLANTED\n"
+                "    async with s.services.history_slots:\n",
+            ),
+        ),
+    ),
+    Mutant(
+        "revoke-keeps-feed",
+        "sessions: a revoked subscription is ended for the client, but the session "
+        "stays joined to the conversation's feed (its events keep coming)",
+        (
+            (
+                "chatd/engine/session.py",
+                "        self._counters.revoked_subscriptions += 1\n        self.leave(conv)\n",
+                "        self._counters.revoked_subscriptions += 1\n"
+                "        self.subscriptions.discard(conv)  # PLANTED\n",
+            ),
+        ),
+    ),
 ]
 
 

@@ -9,22 +9,26 @@ broker), its client connections drop, and its tasks are cancelled.
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
 import trio
 
+from chatd.adapters.keys import StaticKey
 from chatd.adapters.memory_connection import MemoryConnection, memory_connection_pair
 from chatd.adapters.memory_log import MemoryDatabase, MemoryLog
 from chatd.adapters.memory_transport import MemoryBroker, MemoryTransport
 from chatd.chaos import Chaos
-from chatd.config import Config
+from chatd.config import AuthConfig, Config
 from chatd.engine.engine import Engine, open_engine
 from chatd.entropy import new_rng
 from chatd.model import open_model
 from chatd.ports import ConnectionGone
 from chatd.shutdown import ShutdownClock
+from chatd.tokens import TokenVerifier, mint
 from tests.client import Client
 
 
@@ -58,15 +62,17 @@ class SimProcess:
                         model=model,
                         chaos=self.chaos,
                         shutdown=ShutdownClock(cfg.server.shutdown_grace),
-                        verifier=None,
+                        verifier=_verifier(cfg),
                     )
                 )
                 self._sessions = await stack.enter_async_context(trio.open_nursery())
                 task_status.started(self)
                 await trio.sleep_forever()
 
-    async def connect(self, user: str) -> Client:
-        """A client of this process over an in-memory connection, said hello as ``user``."""
+    async def connect(self, user: str, grants: dict[str, str] | None = None) -> Client:
+        """A client of this process over an in-memory connection, said hello as
+        ``user`` with a token granting ``grants`` (default: every conversation
+        of the simulation, read and write)."""
         if self.crashed or self.engine is None or self._sessions is None:
             raise ConnectionGone(1006, "the process is gone")
         # A small window, as a socket's buffers: a client that stops reading
@@ -83,7 +89,14 @@ class SimProcess:
         server_side.aclose = _aclose  # type: ignore[method-assign]
         self._sessions.start_soon(self.engine.run_session, server_side)
         client = Client(client_side)
-        await client.hello(user)
+        if self.config.auth.mode == "jwt":
+            key = json.dumps(grants if grants is not None else _EVERY_CONV, sort_keys=True)
+            answer = await client.request(
+                {"op": "hello", "token": _token(self.config.auth, user, key)}, "welcome"
+            )
+            assert answer["type"] == "welcome", answer
+        else:
+            await client.hello(user)
         return client
 
     async def crash(self) -> None:
@@ -104,3 +117,21 @@ class SimProcess:
         through for ``seconds`` (its leases lapse; what it sends meanwhile fails)."""
         for component in ("postgres", "redis"):
             self.chaos.break_for(component, seconds)
+
+
+#: What every simulated client but the intruder may do: read and write every
+#: conversation of a run (their ids start with "fz-").
+_EVERY_CONV = {"fz-*": "rw"}
+
+
+def _verifier(cfg: Config) -> TokenVerifier | None:
+    if cfg.auth.mode != "jwt":
+        return None
+    return TokenVerifier(cfg.auth, StaticKey(cfg.auth.secret), (cfg.streams.assistant_user,))
+
+
+@functools.cache
+def _token(auth: AuthConfig, user: str, grants_json: str) -> str:
+    # Minted once per user and grants, valid for a day of wall-clock time
+    # (PyJWT checks ``exp`` against it): a run takes milliseconds.
+    return mint(auth, user, convs=json.loads(grants_json), ttl=86400)

@@ -8,7 +8,6 @@ program and seed replay the same interleaving.
 
 from __future__ import annotations
 
-import functools
 import random
 from collections import Counter
 from typing import Any
@@ -19,49 +18,11 @@ import trio.testing
 from chatd import entropy
 from chatd.adapters.memory_log import MemoryDatabase
 from chatd.adapters.memory_transport import MemoryBroker
-from chatd.config import Config, config_from_dict
+from sim.config import LEASE, TAKEOVER, sim_config
 from sim.coverage import of_engines
 from sim.processes import SimProcess
 from sim.system import SimPeer, SimServer
 from sim.world import SimWorld
-
-#: Replies end within lease + sweep once their owner is gone, plus a 40-token
-#: reply still generating and its commit (as in the fuzzer).
-LEASE, TAKEOVER = 1.0, 0.3
-
-
-@functools.cache
-def sim_config(*, peer: bool) -> Config:
-    """The fuzzer's settings; the peer checkpoints its replies, the other does not."""
-    streams: dict[str, Any] = {
-        "commit_timeout": 15.0,
-        "lease": LEASE,
-        "takeover_interval": TAKEOVER,
-    }
-    if peer:
-        streams |= {"persistence": "checkpoint", "checkpoint_interval_ms": 100}
-    return config_from_dict(
-        {
-            # Catch-ups page at about 9 messages, and a client that stops
-            # reading for half a second is dropped: both paths within reach.
-            "server": {"port": 0, "hello_timeout": 5.0},
-            "store": {"page_bytes": 1024},
-            "postgres": {"dsn": "memory:", "command_timeout": 3.0},
-            "redis": {"url": "memory:", "command_timeout": 1.0, "connect_timeout": 1.0},
-            "relay": {"poll_interval": 0.3},
-            "retry": {"backoff_max": 0.3},
-            "model": {"fake_tokens": 20, "fake_token_rate": 100.0},
-            "streams": streams,
-            "limits": {
-                "write_timeout": 0.5,
-                "send_rate": 0,
-                "read_rate": 0,
-                "frame_rate": 0,
-                "replies_per_connection": 1000,
-                "replies_per_user": 1000,
-            },
-        }
-    )
 
 
 def seeded_scheduling(seed: int) -> None:

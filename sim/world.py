@@ -20,6 +20,7 @@ from chatd.adapters.memory_log import MemoryDatabase
 from chatd.adapters.memory_transport import MemoryBroker
 from fuzz.program import CLIENTS, CONVS, Break, Reconnect, Send, Slow, World, _step
 from fuzz.program import steps as fuzz_steps
+from sim import intruder as intr
 from sim.system import SimPeer, SimServer
 from tests.client import Client
 
@@ -83,6 +84,29 @@ class Burst:
     n: int
 
 
+@_step
+class Intrude:
+    """The intruder tries ``op`` on conversation ``conv`` (sim/intruder.py): its token
+    lets it read conversation 0 only; it may be a member of others, read only."""
+
+    conv: int
+    op: str
+
+
+@_step
+class Admit:
+    """The intruder becomes a member of conversation ``conv`` (read only) and subscribes."""
+
+    conv: int
+
+
+@_step
+class Revoke:
+    """The intruder's membership of conversation ``conv`` is revoked."""
+
+    conv: int
+
+
 def steps() -> st.SearchStrategy[Any]:
     c = st.integers(0, CLIENTS - 1)
     return fuzz_steps() | st.one_of(
@@ -93,6 +117,13 @@ def steps() -> st.SearchStrategy[Any]:
         st.builds(LoseAnswers, pct=st.integers(10, 100), ms=st.integers(50, 1500)),
         st.builds(Stall, c=c, ms=st.integers(50, 1500)),
         st.builds(Burst, c=c, conv=st.integers(0, CONVS - 1), n=st.integers(2, 25)),
+        st.builds(
+            Intrude,
+            conv=st.integers(0, CONVS - 1),
+            op=st.sampled_from(intr.READ_OPS + intr.WRITE_OPS),
+        ),
+        st.builds(Admit, conv=st.integers(1, CONVS - 1)),
+        st.builds(Revoke, conv=st.integers(1, CONVS - 1)),
     )
 
 
@@ -110,6 +141,8 @@ class SimWorld(World):
     postgres_faults: bool = False
     #: Watchers the server closed as slow consumers (and that reconnected).
     slow_drops: int = 0
+    #: Connected on the first step that needs it.
+    intruder: intr.Intruder | None = None
     _dropped: list[MemoryConnection] = field(default_factory=list)
     _drop_seen: trio.Event = field(default_factory=trio.Event)
     _resumed: trio.Event = field(default_factory=trio.Event)
@@ -229,6 +262,43 @@ class SimWorld(World):
     async def _do_Burst(self, step: Burst, bg: trio.Nursery) -> None:
         for _ in range(step.n):
             await self._do_Send(Send(c=step.c, conv=step.conv), bg)
+
+    # -- the intruder (sim/intruder.py) -----------------------------------------
+
+    @property
+    def others(self) -> int:
+        return int(self.intruder is not None and not self.intruder.gone)
+
+    async def _intruder(self) -> intr.Intruder:
+        if self.intruder is None:
+            granted = self.conv(0)
+            client = await self.sim_srv.process.connect(intr.USER, {granted: "r"})
+            self.intruder = intr.Intruder(client, granted)
+            self.nursery.start_soon(self.intruder.read)
+            await self.intruder.attempt(granted, "subscribe")
+        return self.intruder
+
+    async def _do_Intrude(self, step: Intrude, bg: trio.Nursery) -> None:
+        intruder = await self._intruder()
+        await intruder.attempt(self.conv(step.conv), step.op)
+
+    async def _do_Admit(self, step: Admit, bg: trio.Nursery) -> None:
+        assert self.db is not None
+        intruder = await self._intruder()
+        conv = self.conv(step.conv)
+        if intruder.member_since(conv) is None:
+            # As `chatd grant` writes it (an operator's change, not the engine's).
+            self.db.members[(conv, intr.USER)] = "r"
+            intruder.memberships.setdefault(conv, []).append([trio.current_time(), None])
+        await intruder.attempt(conv, "subscribe")
+
+    async def _do_Revoke(self, step: Revoke, bg: trio.Nursery) -> None:
+        assert self.db is not None
+        conv = self.conv(step.conv)
+        if self.intruder is None or self.intruder.member_since(conv) is None:
+            return
+        self.db.members.pop((conv, intr.USER), None)
+        self.intruder.memberships[conv][-1][1] = trio.current_time()
 
     async def _settle_faults(self) -> None:
         await super()._settle_faults()
