@@ -2,9 +2,9 @@
 
 Invariant 10 of docs/invariants.md, no access without a grant. The intruder
 (user ``x``) holds a token granting one conversation of the run, read only.
-The program may make it a member of another (``Admit``, a membership row,
-read only; it then subscribes) and take that back (``Revoke``), and make it
-try any op on any conversation (``Intrude``). Checked:
+The program may make it a member of another for a while (``Member``: a
+membership row, read only; it subscribes; the row is deleted when the time
+is up), and make it try any op on any conversation (``Intrude``). Checked:
 
 * it never has a write right, so every ``send``, ``stop`` and ``typing`` is
   refused (``forbidden``, or ``unavailable`` while the log is unreachable),

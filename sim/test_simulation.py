@@ -27,7 +27,7 @@ from fuzz.program import (
 from sim.coverage import PATHS
 from sim.runner import simulate
 from sim.session import explore
-from sim.world import LoseAnswers, LosePubsub, RestartRedis
+from sim.world import Intrude, LoseAnswers, LosePubsub, Member, RestartRedis
 
 EXAMPLES = int(os.environ.get("SIM_EXAMPLES", "3000"))
 
@@ -82,7 +82,17 @@ PINNED = [
 ]
 
 
-@pytest.mark.parametrize(("program", "seed"), PINNED)
+#: The shrunk programs that caught the planted access bugs (sim/mutations.py):
+#: invariant 10 on every CI run, whatever the generated budget reaches.
+ACCESS = [
+    ([Member(conv=1, ms=0)], 0),  # watch-inverted
+    ([Intrude(conv=0, op="subscribe")], 0),  # history-unchecked (the final probe)
+    ([PausePeer(ms=100), PeerReply(conv=1, tokens=8), Member(conv=1, ms=0)], 0),
+    ([Intrude(conv=1, op=op) for op in ("subscribe", "history", "send", "stop", "typing")], 0),
+]
+
+
+@pytest.mark.parametrize(("program", "seed"), PINNED + ACCESS)
 def test_pinned_programs(program, seed):
     simulate(program, seed)
 
