@@ -27,7 +27,7 @@ from fuzz.program import (
 from sim.coverage import PATHS
 from sim.runner import simulate
 from sim.session import explore
-from sim.world import Intrude, LoseAnswers, LosePubsub, Member, RestartRedis
+from sim.world import Burst, Intrude, LoseAnswers, LosePubsub, Member, RestartRedis
 
 EXAMPLES = int(os.environ.get("SIM_EXAMPLES", "3000"))
 
@@ -64,6 +64,19 @@ PINNED = [
             Reply(c=1, conv=0, tokens=25, fail_at=2),
         ],
         0,
+    ),
+    # Found by the intruder: a feed delivered a message it had started reading
+    # (a gap fill, Postgres slow) to a client whose subscription had just been
+    # revoked, after its "unsubscribed". Fixed: a leave takes effect at once
+    # (Join.left), reads in flight skip whoever left.
+    (
+        [
+            Slow(component="postgres", ms=440, latency_ms=66),
+            Burst(c=0, conv=1, n=7),
+            Member(conv=1, ms=0),
+            LosePubsub(pct=27, ms=133),
+        ],
+        4,
     ),
     # A harness race: the Reconnect step's own close of a watcher was taken for
     # the server dropping it, and the watcher reconnected twice.

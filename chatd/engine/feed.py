@@ -74,6 +74,8 @@ class Counters:
 class Sub:
     client: Subscriber
     last: int
+    #: The join that made it (``join.left`` once the client unsubscribed).
+    join: Join
     #: Per in-flight reply, the offset this client has text up to; None once
     #: the reply is over for it (the snapshot already held the committed message).
     streams: dict[str, int | None] = field(default_factory=dict)
@@ -86,6 +88,10 @@ class Join:
     ref: Any
     #: Reply id -> offset the client already holds.
     streams: dict[str, int] = field(default_factory=dict)
+    #: Set by the hub, at once, when the client leaves (unsubscribed, revoked,
+    #: gone): from then on it gets nothing of this join, even from a read the
+    #: feed started before (its Leave is queued behind that read).
+    left: bool = False
 
 
 @dataclass
@@ -189,6 +195,12 @@ class Feed:
         self._closed = True
         self._wake.set()
 
+    def forget(self, join: Join) -> None:
+        """``join``'s client left: it is no subscriber any more, from now on."""
+        sub = self.subs.get(join.client.id)
+        if sub is not None and sub.join is join:
+            del self.subs[join.client.id]
+
     def drop(self, sub: Sub) -> None:
         """The client was disconnected as too slow: it gets nothing more here."""
         self.subs.pop(sub.client.id, None)
@@ -263,6 +275,8 @@ class Feed:
             loaded = await self.loader.load(self.conv, tuple(j.after for j in joins), held)
         except Unavailable as exc:
             for join in joins:
+                if join.left:
+                    continue
                 frame = error_frame(
                     "unavailable",
                     f"cannot load conversation: {exc.message}",
@@ -280,6 +294,8 @@ class Feed:
         """Send the snapshot and make the client a live subscriber, or, when its
         catch-up is larger than a page, send the first page and let it ask for
         the next (``more``: subscribe again from the last seq it got)."""
+        if join.left:
+            return  # unsubscribed while its snapshot was being read
         budget = self._cfg.page_bytes
         messages = snap.messages
         paging = False
@@ -308,7 +324,7 @@ class Feed:
         streams, have = self.replies.on_join(join, snap, inflight)
         frame["streams"] = streams
         if join.client.deliver(encode(frame)):
-            self.subs[join.client.id] = Sub(join.client, snap.head, have)
+            self.subs[join.client.id] = Sub(join.client, snap.head, join, have)
 
     # -- messages ---------------------------------------------------------
 
@@ -342,6 +358,8 @@ class Feed:
 
     def _deliver(self, subs: list[Sub], batch: list[tuple[int, str]]) -> None:
         for sub in subs:
+            if sub.join.left:
+                continue  # left while the batch was being read
             for seq, text in batch:
                 if seq == sub.last + 1:
                     if not sub.client.deliver(text):

@@ -136,7 +136,7 @@ class ReplyFrames:
         feed.counters.stream_fills += 1
         for sub in behind:
             have = sub.streams.get(ev.stream)
-            if have is None or have >= len(body):
+            if sub.join.left or have is None or have >= len(body):
                 continue
             if sub.client.deliver(self._delta(ev.stream, have, body[have:])):
                 sub.streams[ev.stream] = len(body)
@@ -153,8 +153,8 @@ class ReplyFrames:
             partial = None
         for sub in subs:
             have = sub.streams.get(stream, 0)
-            if have is None:
-                continue
+            if sub.join.left or have is None:
+                continue  # left while the partial was being read
             if partial is None or len(partial) < have:
                 # Nothing to fill from now: a later delta tries again, and
                 # stream.end fills the rest from the log.

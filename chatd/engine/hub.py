@@ -90,6 +90,8 @@ class Hub:
         #: Conversation -> its feed; only the membership task adds and removes.
         self.feeds: dict[str, Feed] = {}
         self._members: dict[str, int] = {}
+        #: (client id, conv) -> its current join, until it leaves.
+        self._joins: dict[tuple[int, str], Join] = {}
         self.counters = Counters()
         self.bus_healthy = False
         self.pubsub_connects = 0
@@ -105,10 +107,22 @@ class Hub:
         streams: dict[str, int] | None = None,
     ) -> None:
         """Subscribe ``client``: it gets a snapshot (or an error frame), then live events."""
-        self._request(_Member(client, conv, Join(client, after, ref, streams or {})))
+        join = Join(client, after, ref, streams or {})
+        self._joins[client.id, conv] = join
+        self._request(_Member(client, conv, join))
 
     def leave(self, client: Subscriber, conv: str) -> None:
-        """Unsubscribe ``client`` (once per join, failed ones included)."""
+        """Unsubscribe ``client`` (once per join, failed ones included).
+
+        It gets nothing more of ``conv`` from the moment it returns: its
+        session may already have told the client so (``unsubscribed``).
+        """
+        join = self._joins.pop((client.id, conv), None)
+        if join is not None:
+            join.left = True
+            feed = self.feeds.get(conv)
+            if feed is not None:
+                feed.forget(join)
         self._request(_Member(client, conv, None))
 
     def _request(self, req: _Member) -> None:
