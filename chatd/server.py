@@ -324,6 +324,7 @@ def _durable_http(
         anonymous=config.auth.mode == "anonymous",
         verify=verifier.verify if verifier is not None else None,
         write_timeout=config.limits.write_timeout,
+        body_timeout=config.http.header_timeout,
         conversations=conversations,
         conv_rights=engine.access.rights,
         agents=AgentReplies(

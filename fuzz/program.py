@@ -375,9 +375,12 @@ class World:
         await old.client.close()
         cursor = self.starts[id(old)] + len(old.seqs)
         self.old_watchers.append((old, self.starts[id(old)]))
-        offsets = {s: len(t) for s, t in old.texts.items() if s not in old.ends}
+        # What it holds, taken once: the old reader may still take frames the
+        # closed connection had buffered (a stalled one does) while we connect.
+        texts = {s: t for s, t in old.texts.items() if s not in old.ends}
+        offsets = {s: len(t) for s, t in texts.items()}
         new = Watcher(await self._client(f"w{step.c}"), old.conv)
-        new.texts = {s: t for s, t in old.texts.items() if s in offsets}
+        new.texts = texts
         frame: dict[str, Any] = {"op": "subscribe", "conv": old.conv, "after": cursor}
         if offsets:
             frame["streams"] = offsets

@@ -27,7 +27,7 @@ from fuzz.program import (
 from sim.coverage import PATHS
 from sim.runner import simulate
 from sim.session import explore
-from sim.world import Burst, Intrude, LoseAnswers, LosePubsub, Member, RestartRedis
+from sim.world import Burst, Intrude, LoseAnswers, LosePubsub, Member, RestartRedis, Stall
 
 EXAMPLES = int(os.environ.get("SIM_EXAMPLES", "3000"))
 
@@ -77,6 +77,19 @@ PINNED = [
             LosePubsub(pct=27, ms=133),
         ],
         4,
+    ),
+    # A harness race: a Reconnect took the stalled watcher's offsets, then (after
+    # connecting) its texts, which its old reader had meanwhile grown from
+    # frames the closed connection still held. Fixed: both taken at once.
+    (
+        [
+            Send(c=0, conv=0),
+            PeerReply(conv=0, tokens=6),
+            Stall(c=0, ms=250),
+            Send(c=0, conv=0),
+            Reconnect(c=0),
+        ],
+        0,
     ),
     # A harness race: the Reconnect step's own close of a watcher was taken for
     # the server dropping it, and the watcher reconnected twice.

@@ -57,18 +57,72 @@ async def test_the_official_conformance_suite_passes(nursery, postgres, redis_se
             check=False,
         )
     report = json.loads(results.read_text())
-    failed = [
-        t["fullName"]
+    failed = {
+        t["fullName"]: [m[:600] for m in t.get("failureMessages", [])]
         for f in report["testResults"]
         for t in f["assertionResults"]
         if t["status"] == "failed"
-    ]
+    }
     assert not failed, f"conformance tests failed: {failed}\n{done.stderr.decode()[-3000:]}"
     assert report["numPassedTests"] == SUITE_TESTS, report["numPassedTests"]
 
 
 async def _long_poll(http: httpx.AsyncClient, path: str, at: str) -> httpx.Response:
     return await http.get(path, params={"offset": at, "live": "long-poll"})
+
+
+async def test_a_connection_serves_its_next_request_after_a_long_read(
+    nursery, postgres, redis_server
+):
+    """A long-poll outlasting [http].header_timeout still ends at its own timeout,
+    and the keep-alive connection it used serves the next request at once.
+
+    hypercorn's read timeout (which chatd once set to header_timeout) stopped
+    reading such a connection mid-response: the long-poll ended early, and the
+    client's next request on the connection was never read (reset later).
+    """
+    cfg = make_config(
+        postgres,
+        redis_server,
+        http={"requests_per_second": 0, "header_timeout": 1.0, "keep_alive": 30.0},
+        durable={"long_poll_timeout": 2.5},
+    )
+    srv = await nursery.start(serve, cfg)
+    path = "/v1/stream/long-read-then-more"
+    async with httpx.AsyncClient(
+        base_url=srv.http_url, timeout=10, limits=httpx.Limits(max_connections=1)
+    ) as http:
+        r = await http.put(path, headers={"Content-Type": "text/plain"}, content=b"x")
+        tail = r.headers["Stream-Next-Offset"]
+        t0 = trio.current_time()
+        r = await _long_poll(http, path, tail)
+        waited = trio.current_time() - t0
+        assert r.status_code == 204 and waited >= 2.4, (r.status_code, waited)
+        # The same connection (one allowed), answered at once.
+        with trio.fail_after(2):
+            r = await http.get(path, params={"offset": "-1"})
+        assert r.status_code == 200 and r.text == "x"
+
+
+async def test_a_body_that_does_not_arrive_is_refused_in_time(nursery, postgres, redis_server):
+    """With no read timeout in hypercorn, a body's deadline is the app's:
+    [http].header_timeout for the whole body, then 408."""
+    cfg = make_config(
+        postgres, redis_server, http={"requests_per_second": 0, "header_timeout": 1.0}
+    )
+    srv = await nursery.start(serve, cfg)
+    async with httpx.AsyncClient(base_url=srv.http_url) as http:
+        await http.put("/v1/stream/slow-body", headers={"Content-Type": "text/plain"})
+    host, port = srv.http_url.removeprefix("http://").split(":")
+    stream = await trio.open_tcp_stream(host, int(port))
+    async with stream:
+        await stream.send_all(
+            b"POST /v1/stream/slow-body HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: text/plain\r\nContent-Length: 100\r\n\r\nabc"
+        )
+        with trio.fail_after(5):
+            head = await stream.receive_some(4096)
+    assert head.startswith(b"HTTP/1.1 408"), head[:80]
 
 
 async def test_a_long_poll_is_woken_by_an_append_in_another_process(

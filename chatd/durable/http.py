@@ -88,6 +88,7 @@ class DurableHTTP:
         anonymous: bool,
         verify: Verify | None,
         write_timeout: float,
+        body_timeout: float = 10.0,
         conversations: Conversations | None = None,
         conv_rights: ConvRights | None = None,
         agents: AgentReplies | None = None,
@@ -98,6 +99,8 @@ class DurableHTTP:
         self._verify = verify
         self._conv_rights = conv_rights
         self._agents = agents
+        #: A request body must arrive within this ([http].header_timeout).
+        self._body_timeout = body_timeout
         timeout = write_timeout or WRITE_TIMEOUT
         self._draining = trio.Event()
         self._reader = Reader(streams, streams.cfg, timeout, self._draining)
@@ -242,6 +245,11 @@ class DurableHTTP:
                 raise DSError(403, f"no read access to the fork's source {source}")
 
     async def _body(self, receive: Receive) -> bytes:
+        with trio.move_on_after(self._body_timeout):
+            return await self._read_body(receive)
+        raise DSError(408, f"the body did not arrive within {self._body_timeout:g}s")
+
+    async def _read_body(self, receive: Receive) -> bytes:
         chunks, size, limit = [], 0, self._cfg.max_append_bytes
         while True:
             message = await receive()

@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
+import trio
 from prometheus_client import CollectorRegistry
 
 from chatd.chaos import COMPONENTS
@@ -166,6 +167,13 @@ class ChatdApp:
 
     async def _body(self, receive: Receive) -> bytes:
         chunks, size = [], 0
+        with trio.move_on_after(self._cfg.header_timeout) as deadline:
+            body = await self._read_body(receive, chunks, size)
+        if deadline.cancelled_caught:
+            raise HTTPError(408, f"the body did not arrive within {self._cfg.header_timeout:g}s")
+        return body
+
+    async def _read_body(self, receive: Receive, chunks: list[bytes], size: int) -> bytes:
         while True:
             message = await receive()
             if message["type"] != "http.request":

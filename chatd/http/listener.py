@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import math
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -50,7 +49,15 @@ class HttpFace:
         self._write_timeout = write_timeout or None
         hc = HypercornConfig()
         hc.keep_alive_timeout = cfg.keep_alive
-        hc.read_timeout = math.ceil(cfg.header_timeout)
+        # No read timeout: hypercorn's applies to every read, also while a
+        # response is being produced, so it stopped reading a connection whose
+        # SSE or long-poll outlasted it (and ended the response as if the client
+        # had left); the client, seeing a complete response, sent its next
+        # request on that connection, and nobody read it until the keep-alive
+        # timer reset it. Heads are bounded by sniffing (first request) and by
+        # keep_alive (later ones: partial bytes do not restart the idle timer),
+        # bodies by the apps' own deadline (header_timeout).
+        hc.read_timeout = None
         hc.h11_max_incomplete_size = _HEAD_LIMIT
         hc.include_server_header = False
         hc.accesslog = None
