@@ -285,8 +285,9 @@ class HttpConfig:
     metrics_auth: bool = False
     #: Plain HTTP connections open at once (WebSocket clients count in [limits]).
     max_connections: int = 256
-    #: A request's head must arrive within this; an idle keep-alive connection
-    #: is closed after keep_alive.
+    #: A request's head must arrive within this, and then its body (408); an idle
+    #: keep-alive connection is closed after keep_alive. Neither limits how long
+    #: a response (a long-poll, an SSE stream) lasts.
     header_timeout: float = 10.0
     keep_alive: float = 5.0
     max_body_bytes: int = 65536

@@ -94,6 +94,20 @@ async def test_operator_endpoints_need_the_token(nursery, postgres, redis_server
         assert (await http.get("/healthz")).status_code == 200  # health never needs it
 
 
+async def test_an_operator_body_that_does_not_arrive_is_refused_in_time(
+    nursery, postgres, redis_server
+):
+    srv = await nursery.start(serve, _config(postgres, redis_server, header_timeout=1.0))
+    async with await trio.open_tcp_stream("127.0.0.1", srv.port) as raw:
+        await raw.send_all(
+            f"POST /chaos/break HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{".encode()
+        )
+        with trio.fail_after(5):
+            head = await raw.receive_some(4096)
+    assert head.startswith(b"HTTP/1.1 408"), head[:80]
+
+
 async def test_operator_listener_of_its_own(nursery, postgres, redis_server):
     srv = await nursery.start(serve, _config(postgres, redis_server, operator_listen="127.0.0.1:0"))
     assert srv.operator_port not in (None, srv.port)

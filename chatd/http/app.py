@@ -166,14 +166,12 @@ class ChatdApp:
             raise HTTPError(401, "missing or wrong operator token (Authorization: Bearer ...)")
 
     async def _body(self, receive: Receive) -> bytes:
-        chunks, size = [], 0
-        with trio.move_on_after(self._cfg.header_timeout) as deadline:
-            body = await self._read_body(receive, chunks, size)
-        if deadline.cancelled_caught:
-            raise HTTPError(408, f"the body did not arrive within {self._cfg.header_timeout:g}s")
-        return body
+        with trio.move_on_after(self._cfg.header_timeout):
+            return await self._read_body(receive)
+        raise HTTPError(408, f"the body did not arrive within {self._cfg.header_timeout:g}s")
 
-    async def _read_body(self, receive: Receive, chunks: list[bytes], size: int) -> bytes:
+    async def _read_body(self, receive: Receive) -> bytes:
+        chunks, size = [], 0
         while True:
             message = await receive()
             if message["type"] != "http.request":
