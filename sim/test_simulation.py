@@ -78,6 +78,19 @@ PINNED = [
         ],
         4,
     ),
+    # Found after that fix: a subscribe whose join was left (its membership
+    # revoked) before its snapshot was never answered. Fixed: it is answered
+    # with the error `unsubscribed`.
+    (
+        [
+            Send(c=0, conv=0),
+            LoseAnswers(pct=35, ms=50),
+            Member(conv=1, ms=0),
+            Slow(component="postgres", ms=100, latency_ms=500),
+            Intrude(conv=1, op="subscribe"),
+        ],
+        0,
+    ),
     # A harness race: a Reconnect took the stalled watcher's offsets, then (after
     # connecting) its texts, which its old reader had meanwhile grown from
     # frames the closed connection still held. Fixed: both taken at once.

@@ -276,6 +276,7 @@ class Feed:
         except Unavailable as exc:
             for join in joins:
                 if join.left:
+                    self._answer_left(join)
                     continue
                 frame = error_frame(
                     "unavailable",
@@ -295,7 +296,8 @@ class Feed:
         catch-up is larger than a page, send the first page and let it ask for
         the next (``more``: subscribe again from the last seq it got)."""
         if join.left:
-            return  # unsubscribed while its snapshot was being read
+            self._answer_left(join)  # unsubscribed while its snapshot was being read
+            return
         budget = self._cfg.page_bytes
         messages = snap.messages
         paging = False
@@ -325,6 +327,20 @@ class Feed:
         frame["streams"] = streams
         if join.client.deliver(encode(frame)):
             self.subs[join.client.id] = Sub(join.client, snap.head, join, have)
+
+    def _answer_left(self, join: Join) -> None:
+        """Its subscribe is still owed an answer (every request gets one): the
+        subscription ended before its snapshot, so no snapshot, an error."""
+        if join.ref is None:
+            return
+        frame = error_frame(
+            "unsubscribed",
+            f"the subscription to {self.conv!r} ended before its snapshot "
+            "(unsubscribed, or access revoked)",
+            join.ref,
+            conv=self.conv,
+        )
+        join.client.deliver(encode(frame))
 
     # -- messages ---------------------------------------------------------
 
