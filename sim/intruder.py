@@ -180,7 +180,7 @@ class Intruder:
         spans = self.memberships.get(conv)
         return spans[-1][1] if spans else None
 
-    def check_frames(self, world: SimWorld) -> None:
+    def check_frames(self) -> None:
         """Nothing of a conversation it could not read reached it; nothing after
         a revoked subscription's end, until it subscribed again."""
         ended: set[str] = set()
@@ -210,7 +210,7 @@ def check_nothing_stored(world: SimWorld) -> None:
             assert m["user"] != USER, f"the intruder's send was stored in {conv!r}: {m}"
 
 
-async def settle(world: SimWorld, intruder: Intruder) -> None:
+async def settle(intruder: Intruder) -> None:
     """Wait until every membership change has reached every cache and sweep."""
     changes = [
         t

@@ -69,9 +69,9 @@ async def check(world: SimWorld) -> None:
     await check_given_rows(world, rows_by_conv)
     intr.check_nothing_stored(world)  # 10: no access without a grant
     if world.intruder is not None:
-        await intr.settle(world, world.intruder)
+        await intr.settle(world.intruder)
         await world.intruder.probe(world)
-        world.intruder.check_frames(world)
+        world.intruder.check_frames()
 
 
 async def _replies_end(world: SimWorld) -> None:
