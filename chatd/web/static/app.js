@@ -139,7 +139,12 @@ function draw() {
     if (!li || li.dataset.key !== key) {
       const fresh = bubble(id, user, role, text, status, streaming);
       fresh.dataset.key = key;
-      if (li) li.replaceWith(fresh);
+      if (li) {
+        li.replaceWith(fresh);
+        // The bubble replaced may be the insertion point itself: the point is
+        // now the fresh one (the old is detached, no longer a place to insert).
+        if (at === li) at = fresh;
+      }
       li = fresh;
     } else {
       const body = /** @type {HTMLElement} */ (li.querySelector(".text"));

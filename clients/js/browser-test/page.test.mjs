@@ -9,7 +9,7 @@ import { randomUUID } from "node:crypto";
 import { mkdirSync } from "node:fs";
 import net from "node:net";
 import { join } from "node:path";
-import { after, before, test } from "node:test";
+import { after, afterEach, before, test } from "node:test";
 
 import { chromium } from "playwright-core";
 
@@ -50,6 +50,13 @@ after(async () => {
   sockets.forEach((s) => s.destroy());
 });
 
+// An uncaught error in the page fails the test it happened in, even when the
+// page recovered on its next render: a page that throws is a broken page.
+const pageErrors = [];
+afterEach(() => {
+  assert.deepEqual(pageErrors.splice(0), [], "the page threw");
+});
+
 const pageUrl = () => `http://127.0.0.1:${proxy.address().port}/`;
 
 /** Every connection through the proxy cut at once, as a network failure would. */
@@ -61,7 +68,10 @@ function cutConnections() {
 
 async function signedIn(name, conv) {
   const page = await browser.newPage();
-  page.on("pageerror", (err) => console.error(`page error (${name}):`, err));
+  page.on("pageerror", (err) => {
+    console.error(`page error (${name}):`, err);
+    pageErrors.push(`${name}: ${err.message}`);
+  });
   await page.goto(pageUrl());
   await page.fill("#name", name);
   await page.click("#signin button[type=submit]");
@@ -164,12 +174,15 @@ test("stop ends a reply as stopped on both pages", T, async () => {
   const conv = `web-${randomUUID().slice(0, 8)}`;
   const ann = await signedIn("ann", conv);
   const bob = await signedIn("bob", conv);
-  await sendFrom(ann, "go on and on", true);
+  // Long enough (80 s at the server's 25 tokens/s) that the click lands while
+  // it streams however slow the machine: a reply that completes first would
+  // end "complete" and say nothing about stop.
+  await sendFrom(ann, "go on and on #tokens=2000", true);
   const id = await streamingReply(bob);
   await bob.click(`#messages li[data-id="${id}"] button.stop`);
-  for (const page of [ann, bob]) {
+  for (const [name, page] of [["ann", ann], ["bob", bob]]) {
     const { final } = await watchReply(page, id);
-    assert.equal(final.status, "(stopped)");
+    assert.equal(final.status, "(stopped)", `${name}'s bubble: ${JSON.stringify(final)}`);
   }
   await shot(ann, "4-reply-stopped");
   await ann.close();
