@@ -123,7 +123,7 @@ def _faults() -> st.SearchStrategy[Any]:
     return st.one_of(
         st.builds(LosePubsub, pct=st.integers(10, 100), ms=st.integers(50, 1500)),
         st.builds(DelayPubsub, delay_ms=st.integers(1, 500), ms=st.integers(50, 1500)),
-        st.builds(LateConfirms, delay_ms=st.integers(1, 1000), ms=st.integers(50, 1500)),
+        st.builds(LateConfirms, delay_ms=st.integers(1, 2500), ms=st.integers(50, 1500)),
         st.just(RestartRedis()),
         st.builds(LoseAnswers, pct=st.integers(10, 100), ms=st.integers(50, 1500)),
         st.builds(Stall, c=c, ms=st.integers(50, 1500)),
