@@ -1,6 +1,6 @@
 """``python -m sim``: explore interleavings, or replay one.
 
-python -m sim run [--examples N] [--seed S]      # pace, coverage, first failure
+python -m sim run [--examples N] [--seed S] [--workers W]   # pace, coverage, first failure
 python -m sim replay "[Send(c=0, conv=0), ...]" --seed S
 """
 
@@ -20,6 +20,9 @@ def main(argv: list[str]) -> int:
     r.add_argument("--examples", type=int, default=10000)
     r.add_argument("--seed", type=int, default=0, help="which stream of programs")
     r.add_argument("--no-shrink", action="store_true", help="report a failure unshrunk")
+    r.add_argument(
+        "--workers", type=int, default=1, help="explorer processes (the budget is split)"
+    )
     rp = sub.add_parser("replay", help="run one program, as a failure printed it")
     rp.add_argument("program", help='e.g. "[Send(c=0, conv=0), RestartRedis()]"')
     rp.add_argument("--seed", type=int, required=True)
@@ -27,6 +30,8 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.cmd == "replay":
         return _replay(args.program, args.seed, args.log)
+    if args.workers > 1:
+        return _run_parallel(args.examples, args.workers, args.seed, not args.no_shrink)
     from sim.session import Exploration, explore
 
     result = Exploration()
@@ -41,6 +46,26 @@ def main(argv: list[str]) -> int:
         )
         raise
     print(report(result))
+    missing = [path for path in PATHS if not result.coverage[path]]
+    return 1 if missing else 0
+
+
+def _run_parallel(examples: int, workers: int, seed: int, shrink: bool) -> int:
+    import time
+
+    from sim.parallel import Violation, explore_parallel
+
+    t0 = time.perf_counter()
+    try:
+        result = explore_parallel(examples, workers, seed=seed, shrink=shrink)
+    except Violation as v:
+        print(str(v))
+        print(
+            f"VIOLATION at interleaving {v.runs}, {v.seconds:.1f}s in "
+            f"({time.perf_counter() - t0:.1f}s with shrinking); the program and seed are above"
+        )
+        return 1
+    print(report(result) + f"\n({workers} workers: {result.per_second / workers:.0f}/s each)")
     missing = [path for path in PATHS if not result.coverage[path]]
     return 1 if missing else 0
 

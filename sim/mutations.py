@@ -6,7 +6,7 @@
 Each mutant is a bug a careful developer could write, in one of the engine's
 modules; three come from the real-server fuzzer's list (``fuzz/mutations.py``),
 the rest are the simulator's own (hub and feeds, sessions, relay, replies). For each: copy the project, apply the
-patch, run ``python -m sim run`` there with CI's budget, and require a
+patch, run ``python -m sim run`` there with CI's budget and workers, and require a
 violation. Prints the time to the first violation and the shrunk program.
 Exits 1 if any mutant survives.
 """
@@ -24,10 +24,13 @@ from pathlib import Path
 
 from fuzz.mutations import MUTANTS as FUZZ_MUTANTS
 from fuzz.mutations import Mutant
+from sim.parallel import default_workers
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The budget of CI's simulation test (sim/test_simulation.py).
-BUDGET = int(os.environ.get("SIM_EXAMPLES", "3000"))
+BUDGET = int(os.environ.get("SIM_EXAMPLES", "10000"))
+#: CI's explorer processes, too (``SIM_WORKERS``; default: every core, at most 8).
+WORKERS = default_workers()
 
 _FROM_FUZZ = ("publish-aborts-commit", "dedup", "ack-before-commit")
 
@@ -219,7 +222,10 @@ def run_mutant(m: Mutant, budget: int) -> bool:
         env = {**os.environ, "PYTHONPATH": str(dest)}
         t0 = time.monotonic()
         proc = subprocess.run(
-            [sys.executable, "-m", "sim", "run", "--examples", str(budget)],
+            [
+                sys.executable,
+                *("-m", "sim", "run", "--examples", str(budget), "--workers", str(WORKERS)),
+            ],
             cwd=dest,
             env=env,
             capture_output=True,

@@ -25,11 +25,14 @@ from fuzz.program import (
     Wait,
 )
 from sim.coverage import PATHS
+from sim.parallel import default_workers, explore_parallel, shares
 from sim.runner import simulate
 from sim.session import explore
 from sim.world import Burst, Intrude, LoseAnswers, LosePubsub, Member, RestartRedis, Stall
 
-EXAMPLES = int(os.environ.get("SIM_EXAMPLES", "3000"))
+EXAMPLES = int(os.environ.get("SIM_EXAMPLES", "10000"))
+#: Explorer processes sharing the budget (SIM_WORKERS; default: every core, at most 8).
+WORKERS = default_workers()
 
 #: Programs that once failed, with the seed that made them fail.
 PINNED = [
@@ -137,9 +140,10 @@ def test_pinned_programs(program, seed):
 
 
 def test_generated_interleavings_hold_every_invariant_and_reach_every_path():
-    result = explore(EXAMPLES)
+    result = explore_parallel(EXAMPLES, WORKERS)
     print(
-        f"\n{result.runs} interleavings in {result.seconds:.1f}s ({result.per_second:.0f}/s); "
+        f"\n{result.runs} interleavings in {result.seconds:.1f}s ({result.per_second:.0f}/s, "
+        f"{WORKERS} workers); "
         f"reached: {dict(result.coverage)}"
     )
     assert result.runs == EXAMPLES
@@ -185,3 +189,13 @@ def test_a_run_is_reproducible_from_its_program_and_seed():
     assert _fingerprint(program, 7) == first
     # Another seed is another interleaving (its ids and timings differ).
     assert _fingerprint(program, 8) != first
+
+
+def test_workers_split_the_budget_and_sum_what_each_covered():
+    # Worker i of n explores the stream of programs seeded seed * n + i: the
+    # same two streams explored one after the other cover exactly as much.
+    together = explore_parallel(40, 2, seed=3)
+    apart = [explore(20, seed=6), explore(20, seed=7)]
+    assert together.runs == 40 == sum(a.runs for a in apart)
+    assert together.coverage == apart[0].coverage + apart[1].coverage
+    assert shares(10_001, 3) == [3334, 3334, 3333]
