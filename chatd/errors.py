@@ -33,6 +33,11 @@ class StoreError(ChatdError):
     """Postgres rejected the work for a non-transient reason (a bug or bad schema)."""
 
 
+class ReplyTaken(StoreError):
+    """A reply's commit was refused: its process lost its lease and another may have
+    taken the reply over (``Log.commit`` with ``owner``). Nothing was committed."""
+
+
 class ServiceStartError(ChatdError):
     """An embedded PostgreSQL or Redis could not be started; the message says why."""
 

@@ -48,6 +48,7 @@ class Log(Protocol):
         published: Sequence[int],
         notify: bool,
         finished: Sequence[str] = (),
+        owner: str | None = None,
     ) -> tuple[list[Committed], list[OutboxEvent]]:
         """Commit ``msgs`` in one transaction, in order; returns one result per message
         and the new outbox rows (duplicates have none).
@@ -59,6 +60,10 @@ class Log(Protocol):
         and, when ``notify``, wakes every relay (:meth:`wait_for_notify`).
         One message that cannot be stored fails the whole call with StoreError.
         ``finished``: replies whose in-flight rows go in the same transaction.
+        ``owner``: the process those rows were registered under; if it has been
+        declared dead (:meth:`take_orphans`), its replies may belong to a taker
+        now: nothing is committed and ReplyTaken is raised. The check and the
+        commit are atomic with respect to a takeover.
         """
         ...
 

@@ -123,6 +123,10 @@ def _stored_reply(world: World, st_: _Stream, rows: list[dict[str, Any]]) -> Non
         assert st_.stop_requested and words <= st_.tokens, row
 
 
+#: stream.error codes that promise nothing was stored.
+_NOTHING_STORED = ("interrupted", "model_failed")
+
+
 async def _delivered(world: World, w: Watcher, rows: list[dict[str, Any]]) -> None:
     start = world.starts[id(w)]
     expected = list(range(start + 1, len(rows) + 1))
@@ -137,6 +141,12 @@ async def _delivered(world: World, w: Watcher, rows: list[dict[str, Any]]) -> No
     assert w.seqs == expected, (
         f"watcher of {w.conv} from cursor {start} got {w.seqs}, expected {expected}"
     )
+    for sid, end in w.ends.items():
+        if end["type"] == "stream.error" and end.get("code") in _NOTHING_STORED:
+            # Followers told a reply ended with nothing stored (its taker knew
+            # none of it, or the model failed) never see it stored after all.
+            stored = [r for r in rows if r["client_id"] == sid]
+            assert not stored, f"{sid} ended {end['code']} (nothing stored), then stored: {stored}"
     for sid, text in w.texts.items():
         row = next((r for r in rows if r["client_id"] == sid), None)
         if row is None:

@@ -121,6 +121,19 @@ PINNED = [
         ],
         0,
     ),
+    # The peer, paused past its lease, finished its reply meanwhile; the taker
+    # knew none of its text, stored nothing and told followers "interrupted";
+    # the peer, waking, committed the reply complete anyway. Fixed: a reply's
+    # commit is refused once its process is declared dead (ReplyTaken).
+    (
+        [
+            PeerReply(conv=1, tokens=18),
+            Member(conv=1, ms=500),
+            PausePeer(ms=1514),
+            Reconnect(c=1),
+        ],
+        0,
+    ),
 ]
 
 

@@ -7,7 +7,7 @@ import uuid
 import pytest
 import trio
 
-from chatd.errors import StoreError, StoreUnavailable
+from chatd.errors import ReplyTaken, StoreError, StoreUnavailable
 from chatd.protocol import encode
 from chatd.records import Checkpoint, NewMessage, Registration, SnapshotAsk, message_event
 
@@ -263,4 +263,33 @@ async def test_replies_in_flight_checkpoints_and_takeover(logs):
     assert results[0].message["status"] == "interrupted"
     await other.drop_reply(r2)
     await other.drop_reply(f"~{c}-3")
+    assert (await log.inflight([c]))[0] == []
+
+
+async def test_a_reply_commit_is_refused_once_its_process_is_declared_dead(logs):
+    # The fence of a reply's final commit: a taker that knew none of the reply's
+    # text drops its row and stores nothing; the owner, waking, must not store it.
+    log, other, _ = logs
+    c = _conv()
+    owner, taker, alive = (f"p-{uuid.uuid4().hex[:8]}" for _ in range(3))
+    await log.heartbeat(owner, 0.5)
+    await log.heartbeat(alive, 30)
+    await other.heartbeat(taker, 30)
+    meta = '{"reply_to": 1, "user": "assistant", "role": "assistant", "ts": 1}'
+    await log.register_replies(owner, [Registration(f"~{c}-1", c, meta)])
+    await log.register_replies(alive, [Registration(f"~{c}-2", c, meta)])
+    await trio.sleep(0.7)
+    (orphan,) = await other.take_orphans(taker)  # the owner is declared dead
+    assert orphan.text == ""
+    await other.drop_reply(orphan.stream)
+    late = NewMessage(c, f"~{c}-1", "assistant", "too late", role="assistant", status="complete")
+    with pytest.raises(ReplyTaken):
+        await log.commit([late], [], False, finished=[f"~{c}-1"], owner=owner)
+    assert await other.after(c, 0, 10) == [], "nothing committed"
+    # A live owner commits as before; without an owner there is no check.
+    mine = NewMessage(c, f"~{c}-2", "assistant", "in time", role="assistant", status="complete")
+    results, _ = await log.commit([mine], [], False, finished=[f"~{c}-2"], owner=alive)
+    assert results[0].seq == 1 and not results[0].duplicate
+    results, _ = await log.commit([late], [], False, finished=[f"~{c}-1"])
+    assert results[0].seq == 2, "unfenced (owner=None): as before"
     assert (await log.inflight([c]))[0] == []

@@ -24,7 +24,7 @@ import orjson
 import trio
 
 from chatd.chaos import Chaos
-from chatd.errors import StoreError, StoreUnavailable
+from chatd.errors import ReplyTaken, StoreError, StoreUnavailable
 from chatd.records import (
     Checkpoint,
     Committed,
@@ -139,14 +139,24 @@ class MemoryLog:
         published: Sequence[int],
         notify: bool,
         finished: Sequence[str] = (),
+        owner: str | None = None,
     ) -> tuple[list[Committed], list[OutboxEvent]]:
-        return await self._call(self._commit, list(msgs), list(published), notify, list(finished))
+        return await self._call(
+            self._commit, list(msgs), list(published), notify, list(finished), owner
+        )
 
     def _commit(
-        self, msgs: list[NewMessage], published: list[int], notify: bool, finished: list[str]
+        self,
+        msgs: list[NewMessage],
+        published: list[int],
+        notify: bool,
+        finished: list[str],
+        owner: str | None,
     ) -> tuple[list[Committed], list[OutboxEvent]]:
         db = self.db
         _check(msgs)
+        if owner is not None and db.processes.get(owner, (0.0, False))[1]:
+            raise ReplyTaken(f"process {owner} was declared dead: its replies may be taken")
         for stream in finished:
             db.replies.pop(stream, None)
         for i in published:

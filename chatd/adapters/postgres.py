@@ -34,7 +34,7 @@ from chatd.adapters.postgres_outbox import (
 )
 from chatd.backoff import Backoff
 from chatd.config import PostgresConfig
-from chatd.errors import StoreUnavailable
+from chatd.errors import ReplyTaken, StoreUnavailable
 from chatd.records import (
     Checkpoint,
     Committed,
@@ -107,17 +107,20 @@ _COMMIT_FINISHING = (
 )
 
 
+_OWNER_DEAD = "SELECT dead FROM chatd_processes WHERE id = $1 FOR SHARE"
+
+
 async def _aio_commit(
     pool: asyncpg.Pool,
     msgs: Sequence[NewMessage],
     published: Sequence[int],
     notify: bool,
     finished: Sequence[str],
+    owner: str | None,
 ) -> tuple[list[Committed], list[OutboxEvent]]:
     templates = [event_template(m) for m in msgs]
     extra = [list(finished)] if finished else []
-    rows = await pool.fetch(
-        _COMMIT_FINISHING if finished else _COMMIT,
+    args = (
         [m.conv for m in msgs],
         [m.client_id for m in msgs],
         [m.user for m in msgs],
@@ -130,6 +133,18 @@ async def _aio_commit(
         notify,
         *extra,
     )
+    sql = _COMMIT_FINISHING if finished else _COMMIT
+    if owner is None:
+        rows = await pool.fetch(sql, *args)
+    else:
+        async with pool.acquire() as con, con.transaction():
+            # A takeover declares a process dead while holding that row's lock:
+            # it waits for this transaction (and then finds the reply's row gone),
+            # or it came first and this commit sees the process dead.
+            dead = await con.fetchval(_OWNER_DEAD, owner)
+            if dead:
+                raise ReplyTaken(f"process {owner} was declared dead: its replies may be taken")
+            rows = await con.fetch(sql, *args)
     results = []
     events = []
     for m, r in zip(msgs, rows, strict=True):
@@ -228,8 +243,11 @@ class PostgresLog:
         published: Sequence[int],
         notify: bool,
         finished: Sequence[str] = (),
+        owner: str | None = None,
     ) -> tuple[list[Committed], list[OutboxEvent]]:
-        return await self.bridge.postgres(_aio_commit, self.pool, msgs, published, notify, finished)
+        return await self.bridge.postgres(
+            _aio_commit, self.pool, msgs, published, notify, finished, owner
+        )
 
     async def heartbeat(self, process: str, lease: float) -> bool:
         return await self.bridge.postgres(replies.aio_heartbeat, self.pool, process, lease)

@@ -124,14 +124,17 @@ class Committer:
             raise outcome.result
         return outcome.result
 
-    async def commit_now(self, msg: NewMessage, finished: Sequence[str] = ()) -> Committed:
+    async def commit_now(
+        self, msg: NewMessage, finished: Sequence[str] = (), owner: str | None = None
+    ) -> Committed:
         """Commit ``msg`` in its own transaction, in the caller's task, bypassing the queue.
 
         For a reply's final commit: it must not depend on the committer's task,
         which may already be gone when a shielded commit runs during shutdown.
-        ``finished``: the reply's in-flight row, deleted in the same transaction.
+        ``finished``: the reply's in-flight row, deleted in the same transaction;
+        ``owner``: the process it was registered under (ReplyTaken if declared dead).
         """
-        results, events = await self._log.commit([msg], [], self._notify, finished)
+        results, events = await self._log.commit([msg], [], self._notify, finished, owner)
         self._hand_over(events)
         if not results[0].duplicate:
             self.committed += 1

@@ -132,6 +132,7 @@ class Custody:
             for r in batch:
                 if self._unregistered.pop(r.id, None) is not None and process == self.process:
                     r.registered = True
+                    r.owner = process
                     self._lane.mark(r)  # what it said meanwhile goes out now
 
     async def heartbeat(self) -> None:

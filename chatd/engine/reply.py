@@ -39,6 +39,9 @@ class Reply:
     #: Recorded in the log under this process's lease (engine/custody.py). Until
     #: then the lane publishes nothing of it, unless it has ended.
     registered: bool = False
+    #: The process id it was registered under: its final commit is refused
+    #: once that process is declared dead (another may have taken it over).
+    owner: str | None = None
     #: The parts and code points the log holds (checkpoint mode).
     checkpointed_parts: int = 0
     checkpointed: int = 0

@@ -15,8 +15,12 @@ process (:mod:`chatd.engine.custody`), which commits what is known of it as
 ``interrupted`` and publishes its end. The reply's id is the idempotency key
 of its commit: if its first owner was only paused and wakes to commit, the
 commit reports a duplicate, the stored message stays as it is, and the end
-frame this owner publishes carries the *stored* status and length. Nothing
-is committed twice and no committed text changes.
+frame this owner publishes carries the *stored* status and length. A taker
+that knew none of its text stores nothing (its followers get
+``stream.error``): then the owner's commit is refused because the log has
+declared the owner dead (``ReplyTaken``), and the owner ends nothing. Nothing
+is committed twice, no committed text changes, and a reply its followers
+were told ended with nothing stored is never stored.
 """
 
 from __future__ import annotations
@@ -34,7 +38,14 @@ from chatd.engine.custody import Custody
 from chatd.engine.hub import Hub
 from chatd.engine.lane import Lane
 from chatd.engine.reply import Reply
-from chatd.errors import BusUnavailable, ModelError, StoreError, StoreUnavailable, Unavailable
+from chatd.errors import (
+    BusUnavailable,
+    ModelError,
+    ReplyTaken,
+    StoreError,
+    StoreUnavailable,
+    Unavailable,
+)
 from chatd.model import Model, ModelRequest
 from chatd.ports import Log, Transport
 from chatd.protocol import encode
@@ -185,7 +196,15 @@ class ReplyRunner:
         with self._shutdown.shield(self._cfg.commit_timeout):
             while True:
                 try:
-                    committed = await self._committer.commit_now(msg, finished=[r.id])
+                    committed = await self._committer.commit_now(
+                        msg, finished=[r.id], owner=r.owner
+                    )
+                except ReplyTaken:
+                    # This process was declared dead meanwhile (paused, cut off
+                    # past its lease): the reply is its taker's, which ends it.
+                    log.warning("reply %s was taken over before its commit", r.id)
+                    r.taken = True
+                    return r.error("interrupted", "taken over by another process", retryable=True)
                 except StoreUnavailable as exc:
                     last = exc
                     self.commit_retries += 1
