@@ -37,6 +37,10 @@ class ReplyTaken(StoreError):
     """A reply's commit was refused: its process lost its lease and another may have
     taken the reply over (``Log.commit`` with ``owner``). Nothing was committed."""
 
+    def __init__(self, owner: str) -> None:
+        super().__init__(f"process {owner} was declared dead: its replies may be a taker's")
+        self.owner = owner
+
 
 class ServiceStartError(ChatdError):
     """An embedded PostgreSQL or Redis could not be started; the message says why."""

@@ -156,7 +156,7 @@ class MemoryLog:
         db = self.db
         _check(msgs)
         if owner is not None and db.processes.get(owner, (0.0, False))[1]:
-            raise ReplyTaken(f"process {owner} was declared dead: its replies may be taken")
+            raise ReplyTaken(owner)
         for stream in finished:
             db.replies.pop(stream, None)
         for i in published:

@@ -143,7 +143,7 @@ async def _aio_commit(
             # or it came first and this commit sees the process dead.
             dead = await con.fetchval(_OWNER_DEAD, owner)
             if dead:
-                raise ReplyTaken(f"process {owner} was declared dead: its replies may be taken")
+                raise ReplyTaken(owner)
             rows = await con.fetch(sql, *args)
     results = []
     events = []
