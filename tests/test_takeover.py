@@ -255,3 +255,38 @@ async def test_a_takeover_whose_answer_was_lost_still_ends_the_reply(env: Env, c
     (row,) = await _assistant(b, conv)
     assert row["id"] == stream and row["status"] == "interrupted"
     assert (await b.engine.log.inflight([conv]))[0] == []
+
+
+async def test_a_reply_ended_with_nothing_stored_stays_unstored_when_its_owner_wakes(
+    env: Env, clock
+):
+    """The owner is cut off before any of its reply reached the log or Redis, and
+    finishes generating meanwhile. The taker knows none of it: nothing stored,
+    ``stream.error``. The owner, healed, retries its commit before its heartbeat
+    can tell it it was fenced: refused (the log declared it dead), so a reply
+    its followers were told ended with nothing stored is never stored after
+    all (found by the simulator)."""
+    from chatd.errors import StoreUnavailable
+
+    model = {"fake_tokens": 5, "fake_token_rate": 10.0}  # done 0.5 s in, while cut off
+    a, b, conv, watcher, stream, _ = await _watched_reply(env, FAST, model, "short", 0)
+    start = await watcher._next_stream_frame(conv, stream, 10)
+    assert start["type"] == "stream.start"  # registered under a's lease
+    log = a.engine.replies.custody._log
+    renew = log.heartbeat
+
+    async def _not_yet(process: str, lease: float) -> bool:
+        if a.engine.replies.active:  # the commit goes first
+            raise StoreUnavailable("postgres: held back by the test")
+        return await renew(process, lease)
+
+    log.heartbeat = _not_yet
+    _cut_off(a)
+    end = await watcher._next_stream_frame(conv, stream, BOUND + 1)
+    assert end["type"] == "stream.error" and end["code"] == "interrupted", end
+    a.chaos.heal()
+    with trio.fail_after(FAST["commit_timeout"] + 5):
+        while a.engine.replies.active:
+            await trio.sleep(0.05)
+    assert await _assistant(b, conv) == [], "stored after its followers were told nothing was"
+    assert (await b.engine.log.inflight([conv]))[0] == []
