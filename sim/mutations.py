@@ -186,6 +186,18 @@ MUTANTS = [m for m in FUZZ_MUTANTS if m.name in _FROM_FUZZ] + [
         ),
     ),
     Mutant(
+        "commit-unfenced",
+        "replies: a reply's final commit does not name the process it was registered "
+        "under, so an owner declared dead meanwhile still stores it",
+        (
+            (
+                "chatd/engine/reply_run.py",
+                "                        msg, finished=[r.id], owner=r.owner\n",
+                "                        msg, finished=[r.id], owner=None  # PLANTED\n",
+            ),
+        ),
+    ),
+    Mutant(
         "revoke-keeps-feed",
         "sessions: a revoked subscription is ended for the client, but the session "
         "stays joined to the conversation's feed (its events keep coming)",
