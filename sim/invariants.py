@@ -42,10 +42,10 @@ async def check(world: SimWorld) -> None:
     db = world.db
     srv = world.sim_srv
     if world.postgres_faults:
-        # Every process renews its lease (every lease/3) at least once after
-        # the faults, so one cut off past its lease has noticed (custody.fenced,
-        # which World.may_interrupt reads) before a reply taken from it is judged.
-        await trio.sleep(LEASE)
+        # Every process renews its lease once after the faults, so one cut off
+        # past its lease has noticed (custody.fenced, which World.may_interrupt
+        # reads) before a reply taken from it is judged.
+        await _leases_renewed(world)
     await _replies_end(world)  # 9
     with trio.fail_after(30):
         while srv.engine.replies.active:
@@ -72,6 +72,17 @@ async def check(world: SimWorld) -> None:
         await intr.settle(world.intruder)
         await world.intruder.probe(world)
         world.intruder.check_frames()
+
+
+async def _leases_renewed(world: SimWorld) -> None:
+    custodies = [world.sim_srv.engine.replies.custody]
+    peer = world.sim_peer.current
+    if peer is not None and peer.engine is not None:
+        custodies.append(peer.engine.replies.custody)
+    before = [c.renewals for c in custodies]
+    with trio.fail_after(LEASE * 5):  # renewals come every lease/3 once the log answers
+        while any(c.renewals <= n for c, n in zip(custodies, before, strict=True)):
+            await trio.sleep(0.05)
 
 
 async def _replies_end(world: SimWorld) -> None:

@@ -58,6 +58,11 @@ class SimPeer:
     def started(self) -> bool:
         return self._process is not None
 
+    @property
+    def current(self) -> SimProcess | None:
+        """The process running now (None before the first use)."""
+        return self._process
+
     async def url_when_up(self) -> str:
         await self._up()
         return "memory:peer"

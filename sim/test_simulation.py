@@ -121,6 +121,21 @@ PINNED = [
         ],
         0,
     ),
+    # A check judged a reply taken over from the chatd under test before that
+    # process had noticed it was fenced: its heartbeat, slowed past the lease,
+    # answered more than the one lease the check waited. Fixed: the check
+    # waits until every process has renewed its lease after the faults.
+    (
+        [
+            KillPeer(),
+            Break(component="postgres", ms=50),
+            Reconnect(c=0),
+            Reply(c=0, conv=0, tokens=1, fail_at=None),
+            Intrude(conv=0, op="subscribe"),
+            Slow(component="postgres", ms=134, latency_ms=1067),
+        ],
+        0,
+    ),
     # The peer, paused past its lease, finished its reply meanwhile; the taker
     # knew none of its text, stored nothing and told followers "interrupted";
     # the peer, waking, committed the reply complete anyway. Fixed: a reply's

@@ -71,6 +71,8 @@ class Custody:
         self._round_done = trio.Event()
         self._to_drop: set[str] = set()
         self.fenced = 0
+        #: Leases renewed (a lost one is noticed, and fenced, before the next counts).
+        self.renewals = 0
         self.checkpoints = 0
 
     def register(self, r: Reply) -> None:
@@ -146,6 +148,7 @@ class Custody:
                 if not alive:
                     self._fenced()
                     continue  # take a lease under the new id at once
+                self.renewals += 1
                 self._leased.set()
                 await self._drop_forgotten()
             await trio.sleep(period)
