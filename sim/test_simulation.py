@@ -136,6 +136,25 @@ PINNED = [
         ],
         0,
     ),
+    # The chatd under test lost its lease while a reply's registration answer
+    # was lost (the row had landed); the taker knew none of it and ended it
+    # with nothing stored; the reply, registered again under the new id, was
+    # stored complete. Fixed: such a reply is abandoned at the fence (nothing
+    # stored, stream.error), as its taker ends it.
+    (
+        [
+            Break(component="postgres", ms=50),
+            Reconnect(c=0),
+            Reply(c=0, conv=0, tokens=1, fail_at=None),
+            Reply(c=0, conv=0, tokens=1, fail_at=None),
+            KillPeer(),
+            Slow(component="postgres", ms=134, latency_ms=667),
+            Reconnect(c=0),
+            LoseAnswers(pct=57, ms=117),
+            Reply(c=0, conv=0, tokens=12, fail_at=None),
+        ],
+        0,
+    ),
     # The peer, paused past its lease, finished its reply meanwhile; the taker
     # knew none of its text, stored nothing and told followers "interrupted";
     # the peer, waking, committed the reply complete anyway. Fixed: a reply's

@@ -123,6 +123,9 @@ class Custody:
                 )
             except Unavailable as exc:
                 log.debug("registration of %d repl(ies) postponed: %s", len(batch), exc)
+                for r in batch:
+                    # Only the answer may have been lost: the row may be there.
+                    r.owner = r.owner or process
                 self._wanted.set()
                 await backoff.sleep()
                 continue
@@ -168,6 +171,15 @@ class Custody:
             self._unregistered.pop(r.id, None)
             if r.scope is not None:
                 r.scope.cancel()
+        # A registration whose answer was lost may have landed under the lapsed
+        # id: a taker may end that reply with nothing stored, and a row
+        # registered again under the new id would let it be stored after all.
+        for r in self.replies.values():
+            if not r.registered and r.owner is not None:
+                r.abandoned = True
+                self._unregistered.pop(r.id, None)
+                if r.scope is not None:
+                    r.scope.cancel()
         # Replies the log never heard of are nobody else's: they stay, and are
         # registered under the new id.
         self._to_drop.clear()

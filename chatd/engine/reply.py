@@ -39,9 +39,15 @@ class Reply:
     #: Recorded in the log under this process's lease (engine/custody.py). Until
     #: then the lane publishes nothing of it, unless it has ended.
     registered: bool = False
-    #: The process id it was registered under: its final commit is refused
-    #: once that process is declared dead (another may have taken it over).
+    #: The process id it was registered under (or may have been: a registration
+    #: whose answer was lost): its final commit is refused once that process
+    #: is declared dead (another may have taken it over).
     owner: str | None = None
+    #: Its process lost its lease while its registration's outcome was unknown:
+    #: a taker may hold it or may have ended it with nothing (it knew none of
+    #: its text, the lane publishing nothing before registration). It ends
+    #: the same way: nothing stored, ``stream.error``.
+    abandoned: bool = False
     #: The parts and code points the log holds (checkpoint mode).
     checkpointed_parts: int = 0
     checkpointed: int = 0

@@ -106,7 +106,9 @@ class ReplyRunner:
             error = await self._generate(r)
             if r.taken:
                 return  # another process took it over and ends it
-            if error is not None and not r.interrupted:
+            if r.abandoned:
+                end = await self._abandon(r)
+            elif error is not None and not r.interrupted:
                 log.warning("reply %s in %s failed: %s", r.id, r.conv, error)
                 self.failed += 1
                 await self._drop(r)
@@ -130,6 +132,14 @@ class ReplyRunner:
                     end = await self._commit(r, "interrupted")
                 self._custody.release(r)
                 await self.finish(r, end)
+
+    async def _abandon(self, r: Reply) -> dict[str, Any]:
+        """End ``r`` with nothing stored: its custody was lost before the log confirmed it
+        (Reply.abandoned). A taker, if any, knew none of it and ends it the same way."""
+        log.warning("reply %s lost its custody before it was recorded: ended, not stored", r.id)
+        await self._drop(r)
+        why = "this server lost its lease before the reply was recorded"
+        return r.error("interrupted", why, retryable=True)
 
     async def _drop(self, r: Reply) -> None:
         """No message for ``r``: nobody may take its row over and commit it later."""
@@ -195,11 +205,15 @@ class ReplyRunner:
         # The commit completes even if the server is shutting down, within a bound.
         with self._shutdown.shield(self._cfg.commit_timeout):
             while True:
+                if r.abandoned:
+                    return await self._abandon(r)
                 try:
                     committed = await self._committer.commit_now(
                         msg, finished=[r.id], owner=r.owner
                     )
                 except ReplyTaken:
+                    if not r.registered:  # maybe never recorded: nobody else may end it
+                        return await self._abandon(r)
                     # This process was declared dead meanwhile (paused, cut off
                     # past its lease): the reply is its taker's, which ends it.
                     log.warning("reply %s was taken over before its commit", r.id)
