@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from chatd.bench.common import cpu_seconds, machine, pct, start_chatd
+from chatd.bench.wire import WireClient
 from chatd.config import Config
 
 
@@ -38,6 +39,8 @@ class _Client:
         self.texts: dict[str, str] = {}
         self.problems: list[str] = []
         self.caught_up_at: float | None = None
+        self.snapshot_at: float | None = None
+        self.open_at: float | None = None
 
     def take(self, msg: dict[str, Any]) -> None:
         kind = msg.get("type")
@@ -108,24 +111,33 @@ async def _drive(url: str, args: argparse.Namespace, pid: int) -> dict[str, Any]
         stop: trio.Event,
         t0: float,
     ) -> None:
-        async with open_websocket_url(url, message_queue_size=0) as ws:
-            await ws.send_message(json.dumps({"op": "hello", "user": "storm"}))
+        ws = await WireClient.connect(url)
+        try:
+            c.open_at = time.monotonic() - t0
             frame: dict[str, Any] = {"op": "subscribe", "conv": c.conv}
             if after is not None:
                 frame["after"] = after
             if offsets:
                 frame["streams"] = offsets
-            await ws.send_message(json.dumps(frame))
+            await ws.send(
+                [json.dumps({"op": "hello", "user": "storm"}).encode(), json.dumps(frame).encode()]
+            )
             with trio.move_on_after(60):
                 while not stop.is_set():
                     with trio.move_on_after(0.2):
-                        msg = json.loads(await ws.get_message())
-                        c.take(msg)
-                        if msg.get("type") == "snapshot" and ready is not None:
-                            ready.set()
+                        for raw in await ws.receive():
+                            msg = json.loads(raw)
+                            c.take(msg)
+                            if msg.get("type") == "snapshot":
+                                if c.snapshot_at is None:
+                                    c.snapshot_at = time.monotonic() - t0
+                                if ready is not None:
+                                    ready.set()
                     done = target.get(c.conv, 1 << 62)
                     if c.caught_up_at is None and c.seqs and c.seqs[-1] >= done:
                         c.caught_up_at = time.monotonic() - t0
+        finally:
+            await ws.aclose()
 
     target: dict[str, int] = {}  # the last seq of the storm, per conversation
     async with open_websocket_url(url) as sender:
@@ -156,7 +168,7 @@ async def _drive(url: str, args: argparse.Namespace, pid: int) -> dict[str, Any]
         # Phase 2: the storm. One more message per conversation arrives during it.
         target.update({conv: heads[conv] + 1 for conv in convs})
         for c in clients:
-            c.seqs, c.caught_up_at = [], None
+            c.seqs, c.caught_up_at, c.snapshot_at, c.open_at = [], None, None, None
         stop = trio.Event()
         print(f"storm: {len(clients)} clients reconnecting at once...", flush=True)
         t0 = time.monotonic()
@@ -167,6 +179,7 @@ async def _drive(url: str, args: argparse.Namespace, pid: int) -> dict[str, Any]
             await trio.sleep(0.05)
             # The live tail during the storm, all at once (not each after the previous ack).
             await send_all(sender, [(conv, "during") for conv in convs])
+            live_acked = time.monotonic() - t0
             with trio.move_on_after(60):
                 while any(c.caught_up_at is None for c in clients):  # noqa: ASYNC110
                     await trio.sleep(0.01)
@@ -174,6 +187,8 @@ async def _drive(url: str, args: argparse.Namespace, pid: int) -> dict[str, Any]
             storm_cpu = (cpu_seconds(pid) - server_cpu0, time.process_time() - client_cpu0)
             stop.set()
     times = [c.caught_up_at for c in clients if c.caught_up_at is not None]
+    opens = [c.open_at for c in clients if c.open_at is not None]
+    snaps = [c.snapshot_at for c in clients if c.snapshot_at is not None]
     problems = [p for c in clients for p in c.problems]
     dups = sum(len(c.seqs) - len(set(c.seqs)) for c in clients)
     expected_first = [cur + 1 for cur in cursors]
@@ -186,12 +201,77 @@ async def _drive(url: str, args: argparse.Namespace, pid: int) -> dict[str, Any]
         "all_caught_up_s": all_done,
         "client_p50_s": pct(times, 0.5),
         "client_p99_s": pct(times, 0.99),
+        "open_p50_s": pct(opens, 0.5),
+        "open_p99_s": pct(opens, 0.99),
+        "snapshot_p50_s": pct(snaps, 0.5),
+        "snapshot_p99_s": pct(snaps, 0.99),
+        "live_acked_s": live_acked,
         "gaps_or_order_problems": len(problems) + wrong_start,
         "duplicates": dups,
         "problem_examples": problems[:5],
         "storm_server_cpu_s": storm_cpu[0],
         "storm_client_cpu_s": storm_cpu[1],
     }
+
+
+async def _bare_storm(url: str, args: argparse.Namespace, pid: int) -> dict[str, Any]:
+    """The same storm against the bare server: connect, hello, subscribe, take the snapshot."""
+    import trio
+
+    n_convs = max(1, args.clients // args.per_conv)
+    answered: list[float] = []
+
+    async def session(conv: str, t0: float) -> None:
+        ws = await WireClient.connect(url)
+        try:
+            hello = json.dumps({"op": "hello", "user": "storm"}).encode()
+            await ws.send([hello, json.dumps({"op": "subscribe", "conv": conv}).encode()])
+            msgs = await ws.receive()
+            assert json.loads(msgs[0])["type"] == "snapshot", msgs
+            answered.append(time.monotonic() - t0)
+            await done.wait()
+        finally:
+            await ws.aclose()
+
+    done = trio.Event()
+    t0 = time.monotonic()
+    server_cpu0, client_cpu0 = cpu_seconds(pid), time.process_time()
+    with trio.fail_after(60):
+        async with trio.open_nursery() as n:
+            for i in range(args.clients):
+                n.start_soon(session, f"rc-{i % n_convs}", t0)
+            while len(answered) < args.clients:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+            all_done = time.monotonic() - t0
+            cpu = (cpu_seconds(pid) - server_cpu0, time.process_time() - client_cpu0)
+            done.set()
+    return {
+        "all_answered_s": all_done,
+        "p50_s": pct(answered, 0.5),
+        "p99_s": pct(answered, 0.99),
+        "server_cpu_s": cpu[0],
+        "client_cpu_s": cpu[1],
+    }
+
+
+def _run_bare(args: argparse.Namespace) -> dict[str, Any]:
+    import subprocess
+    import sys
+
+    import trio
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chatd.bench.bare_ws", "--missed", str(args.missed)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().split(" at ")[-1].strip()
+        return trio.run(_bare_storm, url, args, proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(15)
 
 
 def run(config: Config, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -213,11 +293,18 @@ def run(config: Config, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         proc.terminate()
         proc.wait(15)
     results.update(r)
+    print("raw limit: the same storm against a bare trio-websocket server (no chatd)...")
+    bare = _run_bare(args)
+    results["bare"] = bare
+    results["ratio_to_bare"] = r["all_caught_up_s"] / bare["all_answered_s"]
     print()
     print(f"{'clients reconnecting at once':<34}{r['clients']:>10}")
     print(f"{'caught up':<34}{r['caught_up']:>10}")
     print(f"{'all caught up after':<34}{r['all_caught_up_s']:>9.2f}s")
     print(f"{'per client p50 / p99':<34}{r['client_p50_s']:>6.2f}s /{r['client_p99_s']:>5.2f}s")
+    print(f"{'connected p50 / p99':<34}{r['open_p50_s']:>6.2f}s /{r['open_p99_s']:>5.2f}s")
+    print(f"{'snapshot p50 / p99':<34}{r['snapshot_p50_s']:>6.2f}s /{r['snapshot_p99_s']:>5.2f}s")
+    print(f"{'live message sent at 0.05s, acked':<34}{r['live_acked_s']:>9.2f}s")
     print(f"{'gaps / order problems':<34}{r['gaps_or_order_problems']:>10}")
     print(f"{'duplicates':<34}{r['duplicates']:>10}")
     print(
@@ -226,4 +313,10 @@ def run(config: Config, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     )
     for p in r["problem_examples"]:
         print(f"  e.g. {p}")
+    print(
+        f"{'bare server: all answered after':<34}{bare['all_answered_s']:>9.2f}s"
+        f"  (p50 {bare['p50_s']:.2f}s; CPU server / bench "
+        f"{bare['server_cpu_s']:.2f}s / {bare['client_cpu_s']:.2f}s)"
+    )
+    print(f"{'chatd all caught up / bare':<34}{results['ratio_to_bare']:>9.2f}x")
     return results
