@@ -6,8 +6,15 @@ conversation and a reply starts streaming in some conversations. Then all K
 reconnect at once, each subscribing with ``after`` = its cursor (and the
 stream offsets it had); more messages arrive during the storm. A client is
 caught up when it holds every message up to the final head. Reported: time
-until all are caught up, per-client p50/p99, and the gaps and duplicates
-found (both must be zero), including stream text that repeats or skips.
+until all are caught up, per-client p50/p99, when the clients connected and
+got their snapshots, and the gaps and duplicates found (both must be zero),
+including stream text that repeats or skips.
+
+The storm's clients use the lean client of :mod:`chatd.bench.wire` (a full
+WebSocket library on the load generator took as much CPU as chatd). The raw
+limit, measured in the same run: the same clients against a bare
+trio-websocket server (:mod:`chatd.bench.bare_ws`) that answers each
+subscribe with a snapshot of the same size and does nothing else.
 """
 
 from __future__ import annotations
