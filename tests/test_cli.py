@@ -61,8 +61,13 @@ def test_bad_config_key_is_one_line(tmp_path):
     assert _one_line(r.stderr) == "chatd: configuration error: unknown config key [server].prot"
 
 
-def test_unreachable_postgres_is_one_line_without_the_password():
+def test_unreachable_postgres_is_one_line_without_the_password(tmp_path):
+    # Startup retries for 3 x connect_timeout: 1 s keeps the test short.
+    conf = tmp_path / "chatd.toml"
+    conf.write_text("[postgres]\nconnect_timeout = 1.0\n")
     r = _chatd(
+        "--config",
+        str(conf),
         "serve",
         env={
             "CHATD_POSTGRES_DSN": "postgresql://chatd:hunter2-secret@127.0.0.1:1/chatd",
