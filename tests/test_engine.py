@@ -401,3 +401,34 @@ async def _drain(client) -> None:
                 await client.recv(timeout=5)
         except ConnectionGone:
             pass
+
+
+async def test_a_feed_closed_while_busy_does_not_hold_up_the_shutdown(env: Env, clock):
+    # The drain waits for every feed to settle. A feed busy with a join (its
+    # snapshot slow to load) whose clients all leave meanwhile is closed and
+    # ends: it settled too, and the wait ends with it (it used to wait out
+    # the shutdown's whole deadline).
+    run = await env.start()
+    conv = env.conv()
+    first = await run.connect("first")
+    await first.subscribe(conv)
+    feed = run.engine.hub.feeds[conv]
+    run.chaos.break_for("postgres", 60, latency=0.5)
+    second = await run.connect("second")
+    await second.send({"op": "subscribe", "conv": conv})
+    with trio.fail_after(5):
+        while feed._is_idle:  # the join is queued: the feed is busy
+            await trio.sleep(0.01)
+    async with trio.open_nursery() as nursery:
+        settled = trio.Event()
+
+        async def settle() -> None:
+            await run.engine.hub.wait_settled()
+            settled.set()
+
+        nursery.start_soon(settle)
+        await first.close()
+        await second.close()
+        with trio.fail_after(3):
+            await settled.wait()
+    assert conv not in run.engine.hub.feeds

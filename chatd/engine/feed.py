@@ -208,6 +208,16 @@ class Feed:
     # -- the task ---------------------------------------------------------
 
     async def run(self) -> None:
+        try:
+            await self._serve()
+        finally:
+            # Ended (closed, or cancelled): nothing queued will be handled any
+            # more, so whoever waits for this feed to settle (an orderly
+            # shutdown) must not wait on for it.
+            self._is_idle = True
+            self._idle.set()
+
+    async def _serve(self) -> None:
         backoff = Backoff.of(self._retry)
         while True:
             if not self._members and not self._live:
