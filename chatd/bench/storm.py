@@ -21,7 +21,6 @@ import argparse
 import os
 import sys
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +50,7 @@ def add_parser(sub: Any) -> None:
 # -- the storm (a process of its own) -------------------------------------------
 
 
-async def _storm(url: str, clients: int, subs: int, tag: str) -> dict[str, Any]:
+async def storm_clients(url: str, clients: int, subs: int, tag: str) -> dict[str, Any]:
     import trio
     from trio_websocket import open_websocket_url
 
@@ -144,7 +143,7 @@ async def _bystand(url: str, pid: int, args: argparse.Namespace, tag: str) -> di
         cmd = [
             sys.executable,
             "-m",
-            "chatd.bench.storm",
+            "chatd.bench.storm_process",
             url,
             str(args.clients),
             str(args.subs),
@@ -261,12 +260,3 @@ def _print(runs: list[dict[str, Any]]) -> None:
     print(
         "\nanswered: from the storm's start until its last subscribe was answered (connects included)"
     )
-
-
-if __name__ == "__main__":
-    # The storm's own process: URL CLIENTS SUBS TAG -> JSON on stdout.
-    import trio
-
-    _url, _clients, _subs, _tag = sys.argv[1:5]
-    result = trio.run(partial(_storm, _url, int(_clients), int(_subs), _tag))
-    sys.stdout.write(orjson.dumps(result).decode())
