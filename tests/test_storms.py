@@ -185,3 +185,44 @@ async def test_a_stalled_client_is_dropped_and_its_memory_released(env: Env, clo
             await trio.sleep(0.05)
     feed = run.engine.hub.feeds.get(conv)
     assert feed is None or all(sub.client.user != "stuck" for sub in feed.subs.values())
+
+
+async def test_clients_sharing_a_cursor_get_their_catch_up_from_one_read(env: Env, clock):
+    # After a deploy most clients of a conversation hold the same cursor: each
+    # distinct cursor is read once, and every client still gets exactly what
+    # it missed.
+    run = await env.start()
+    conv = env.conv()
+    writer = await run.connect("writer")
+    for k in range(5):
+        await writer.request({"op": "send", "conv": conv, "id": f"m{k}", "text": "x"}, "ack")
+    # The conversation's feed is live and settled first (on real Redis its
+    # subscription's confirmation queues a re-read, which would split the joins).
+    await (await run.connect("early")).subscribe(conv)
+    await trio.sleep(0.2)
+    await run.engine.hub.feeds[conv].wait_idle()
+    log = run.engine.log
+    asked: list[tuple[int | None, ...]] = []
+    read = log.snapshots
+
+    async def counted(asks, *rest):
+        asked.extend(a.afters for a in asks if a.conv == conv)
+        return await read(asks, *rest)
+
+    log.snapshots = counted
+    # A slow first read (1 s: long enough on a loaded machine too) lets the
+    # other joins queue up behind it, as in a storm.
+    run.chaos.break_for("postgres", 60, latency=1.0)
+    cursors = [2, 2, None, 4, 2, None, 4]
+    clients = [await run.connect(f"r{i}") for i in range(len(cursors))]
+    for i, (client, after) in enumerate(zip(clients, cursors, strict=True)):
+        frame = {"op": "subscribe", "conv": conv, "ref": f"s{i}"}
+        if after is not None:
+            frame["after"] = after
+        await client.send(frame)
+    for client, after in zip(clients, cursors, strict=True):
+        snap = await client.expect("snapshot", timeout=10)
+        want = list(range(1 if after is None else after + 1, 6))
+        assert [m["seq"] for m in snap["messages"]] == want, (after, snap)
+    assert sum(len(a) for a in asked) < len(cursors), asked
+    assert all(len(set(a)) == len(a) for a in asked), "no cursor read twice in one call"

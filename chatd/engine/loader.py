@@ -178,12 +178,20 @@ class Loader:
                 inflight[i] = f
         # Replies a client says it holds part of count too: the transport may
         # not have reported them, and a committed one is over for that client.
-        asks = [
-            SnapshotAsk(r.conv, r.afters, tuple(sorted({f.stream for f in found} | r.held)))
-            for r, found in zip(batch, inflight, strict=True)
-        ]
+        # Clients of one conversation reconnecting together (after a deploy)
+        # mostly hold the same cursor: each distinct cursor is read once, and
+        # its snapshot (never modified) serves every client that holds it.
+        asks, picks = [], []
+        for r, found in zip(batch, inflight, strict=True):
+            distinct = tuple(dict.fromkeys(r.afters))
+            streams = tuple(sorted({f.stream for f in found} | r.held))
+            asks.append(SnapshotAsk(r.conv, distinct, streams))
+            picks.append([distinct.index(after) for after in r.afters])
         snaps = await self._log.snapshots(asks, self._cfg.snapshot_messages, self._cfg.max_catchup)
-        return [Loaded(found, s) for found, s in zip(inflight, snaps, strict=True)]
+        return [
+            Loaded(found, [s[i] for i in pick])
+            for found, s, pick in zip(inflight, snaps, picks, strict=True)
+        ]
 
 
 @asynccontextmanager
