@@ -144,7 +144,8 @@ async def _drive(url: str, args: argparse.Namespace, pid: int) -> dict[str, Any]
                     if c.caught_up_at is None and c.seqs and c.seqs[-1] >= done:
                         c.caught_up_at = time.monotonic() - t0
         finally:
-            await ws.aclose()
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + 2):
+                await ws.aclose()
 
     target: dict[str, int] = {}  # the last seq of the storm, per conversation
     async with open_websocket_url(url) as sender:
@@ -238,7 +239,8 @@ async def _bare_storm(url: str, args: argparse.Namespace, pid: int) -> dict[str,
             answered.append(time.monotonic() - t0)
             await done.wait()
         finally:
-            await ws.aclose()
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + 2):
+                await ws.aclose()
 
     done = trio.Event()
     t0 = time.monotonic()
