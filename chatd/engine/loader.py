@@ -183,10 +183,10 @@ class Loader:
         # its snapshot (never modified) serves every client that holds it.
         asks, picks = [], []
         for r, found in zip(batch, inflight, strict=True):
-            distinct = tuple(dict.fromkeys(r.afters))
+            slot = {after: i for i, after in enumerate(dict.fromkeys(r.afters))}
             streams = tuple(sorted({f.stream for f in found} | r.held))
-            asks.append(SnapshotAsk(r.conv, distinct, streams))
-            picks.append([distinct.index(after) for after in r.afters])
+            asks.append(SnapshotAsk(r.conv, tuple(slot), streams))
+            picks.append([slot[after] for after in r.afters])
         snaps = await self._log.snapshots(asks, self._cfg.snapshot_messages, self._cfg.max_catchup)
         return [
             Loaded(found, [s[i] for i in pick])
