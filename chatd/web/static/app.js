@@ -172,24 +172,46 @@ function bubble(id, user, role, text, status, streaming) {
   const body = document.createElement("span");
   body.className = "text";
   body.textContent = text;
-  li.append(who, body);
+  li.append(who);
+  if (streaming) li.append(stopButton(id), " ");
+  li.append(body);
   if (status && status !== "complete") {
     const s = document.createElement("span");
     s.className = "status";
     s.textContent = `(${status})`;
     li.append(s);
   }
-  if (streaming) {
-    const stop = document.createElement("button");
-    stop.type = "button";
-    stop.className = "stop";
-    stop.textContent = "Stop";
-    stop.setAttribute("aria-label", "Stop this reply");
-    const conv = /** @type {string} */ (current);
-    stop.addEventListener("click", () => chat?.stop(conv, id).catch(() => {}));
-    li.append(" ", stop);
-  }
   return li;
+}
+
+/**
+ * The Stop button of a streaming reply. It sits before the growing text, not
+ * after it: a button that moves with every token is one a click misses.
+ * @param {string} id
+ */
+function stopButton(id) {
+  const stop = document.createElement("button");
+  stop.type = "button";
+  stop.className = "stop";
+  stop.textContent = "Stop";
+  stop.setAttribute("aria-label", "Stop this reply");
+  const conv = /** @type {string} */ (current);
+  stop.addEventListener("click", async () => {
+    if (!chat) return;
+    stop.disabled = true;
+    stop.textContent = "Stopping…";
+    stop.title = "";
+    try {
+      await chat.stop(conv, id);
+    } catch (err) {
+      // Say why (the reply may have ended meanwhile, or the connection is
+      // down) and let the user try again.
+      stop.disabled = false;
+      stop.textContent = "Stop";
+      stop.title = err instanceof Error ? err.message : String(err);
+    }
+  });
+  return stop;
 }
 
 /** @param {SubmitEvent} e */

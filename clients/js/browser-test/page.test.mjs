@@ -180,6 +180,20 @@ test("stop ends a reply as stopped on both pages", T, async () => {
   await sendFrom(ann, "go on and on #tokens=2000", true);
   const id = await streamingReply(bob);
   await bob.click(`#messages li[data-id="${id}"] button.stop`);
+  // The click landed and the server took it: the button says "Stopping…"
+  // until the reply ends, or carries the server's refusal in its title.
+  const clicked = await bob.waitForFunction(
+    (i) => {
+      const li = document.querySelector(`#messages li[data-id="${i}"]`);
+      if (!li?.classList.contains("streaming")) return "ended";
+      const button = /** @type {HTMLButtonElement|null} */ (li.querySelector("button.stop"));
+      if (button?.title) return `refused: ${button.title}`;
+      return button?.disabled ? "stopping" : false;
+    },
+    id,
+    { timeout: 10000 },
+  );
+  assert.doesNotMatch(String(await clicked.jsonValue()), /^refused/);
   for (const [name, page] of [["ann", ann], ["bob", bob]]) {
     const { final } = await watchReply(page, id);
     assert.equal(final.status, "(stopped)", `${name}'s bubble: ${JSON.stringify(final)}`);
