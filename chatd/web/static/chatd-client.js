@@ -668,10 +668,13 @@ export class ChatdClient extends EventTarget {
 
   /**
    * Stop a reply: it is committed with what it said so far, ``stopped``.
+   * Asked while the connection is down (or answered with a retryable error),
+   * the stop is sent again once it can be: a user's Stop survives a blip.
+   * Rejects when the server refuses it (the reply has ended: ``unknown_stream``).
    * @param {string} conv @param {string} stream
    */
   async stop(conv, stream) {
-    await this._request({ op: "stop", conv, stream }, "stopping");
+    await this._request({ op: "stop", conv, stream }, "stopping", { resend: true });
   }
 
   /**

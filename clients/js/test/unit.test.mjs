@@ -119,6 +119,36 @@ test("a reconnect resubscribes from the cursor and the offsets it holds, then re
   c.close();
 });
 
+test("a stop asked while disconnected is sent after the reconnect; a refusal rejects it", T, async () => {
+  const { c, ws } = await live((sock, f) =>
+    sock.reply({ type: "snapshot", conv: "c1", messages: [], head: 0, ref: f.ref }),
+  );
+  await c.subscribe("c1");
+  const resumed = new Promise((r) => c.addEventListener("resumed", r, { once: true }));
+  /** @type {Promise<void>|undefined} */
+  let stopping;
+  c.addEventListener("state", (e) => {
+    // Asked the moment the connection is lost, before the reconnect.
+    if (!stopping && e.detail.state === "reconnecting") stopping = c.stop("c1", "~r1");
+  });
+  ws.close(1006, "gone");
+  await resumed;
+  assert.ok(stopping, "the stop was asked while reconnecting");
+  assert.equal(ws.sent.filter((f) => f.op === "stop").length, 0, "not on the lost connection");
+  const again = FakeSocket.last;
+  const stop = again.sent.find((f) => f.op === "stop");
+  assert.deepEqual([stop.conv, stop.stream], ["c1", "~r1"]);
+  again.reply({ type: "stopping", conv: "c1", stream: "~r1", ref: stop.ref });
+  await stopping;
+  // A reply that has ended cannot be stopped: that is an answer, not a retry.
+  const late = c.stop("c1", "~r2");
+  await tick();
+  const second = again.sent.filter((f) => f.op === "stop")[1];
+  again.reply({ type: "error", code: "unknown_stream", retryable: false, message: "no reply", ref: second.ref });
+  await assert.rejects(late, { code: "unknown_stream" });
+  c.close();
+});
+
 test("a conversation the user may no longer read ends its subscription on reconnect", T, async () => {
   let first = true;
   const { c, ws } = await live((sock, f) => {
