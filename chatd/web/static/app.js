@@ -204,8 +204,9 @@ function stopButton(id) {
     try {
       await chat.stop(conv, id);
     } catch (err) {
-      // Say why (the reply may have ended meanwhile, or the connection is
-      // down) and let the user try again.
+      // Say why (the reply ended meanwhile, or the client was closed; a
+      // connection that blinks does not land here, the stop waits for it)
+      // and let the user try again.
       stop.disabled = false;
       stop.textContent = "Stop";
       stop.title = err instanceof Error ? err.message : String(err);
