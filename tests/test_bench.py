@@ -7,6 +7,7 @@ the correctness checks the benchmarks make (gaps, duplicates) are.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import importlib.util
 import json
@@ -15,6 +16,8 @@ import sys
 
 import pytest
 import trio
+
+from chatd.bench.common import file_variants, variants
 
 
 async def _bench(tmp_path, *args: str) -> dict:
@@ -56,22 +59,11 @@ async def test_bench_reconnect_storm_has_no_gaps(tmp_path):
 
 
 async def test_bench_sends_and_stream(tmp_path):
+    # As a user runs them (one configuration), and the stream with 2 workers.
     r = await _bench(
         tmp_path, "sends", "--seconds", "1", "--senders", "2", "--convs", "2", "--viewers", "1"
     )
     assert r["full"]["acked"] > 0 and r["full"]["errors"] == 0
-    r = await _bench(tmp_path, "stream", "--streams", "3", "--seconds", "1")
-    assert r["token_deliveries"] > 0 and r["offset_gaps"] == 0
-
-
-async def test_bench_sends_and_stream_with_workers(tmp_path):
-    r = await _bench(
-        tmp_path, "sends", "--seconds", "1", "--senders", "2", "--convs", "2", "--viewers", "1",
-        "--workers", "1,2",
-    )  # fmt: skip
-    for n in ("1", "2"):
-        full = r["by_workers"][n]["full"]
-        assert full["acked"] > 0 and full["errors"] == 0, (n, full)
     r = await _bench(tmp_path, "stream", "--streams", "3", "--seconds", "1", "--workers", "2")
     assert r["by_workers"]["2"]["token_deliveries"] > 0
     assert r["by_workers"]["2"]["offset_gaps"] == 0
@@ -86,10 +78,12 @@ async def test_bench_bridge_measures_each_bridge_against_plain_asyncio(tmp_path)
 
 
 async def test_bench_sends_and_stream_on_both_asyncio_bridges(tmp_path):
+    # With test_bench_sends_and_stream: sends on 1 and 2 workers, the stream
+    # on 2 and 1, each bridge on one worker count or the other.
     bridges = ("--bridge", "thread,trio-asyncio")
     r = await _bench(
         tmp_path, "sends", "--seconds", "1", "--senders", "2", "--convs", "2", "--viewers", "1",
-        *bridges,
+        "--workers", "2", *bridges,
     )  # fmt: skip
     for kind in ("thread", "trio-asyncio"):
         full = r["by_bridge"][kind]["full"]
@@ -98,6 +92,28 @@ async def test_bench_sends_and_stream_on_both_asyncio_bridges(tmp_path):
     for kind in ("thread", "trio-asyncio"):
         assert r["by_bridge"][kind]["token_deliveries"] > 0, kind
         assert r["by_bridge"][kind]["offset_gaps"] == 0, kind
+
+
+def test_bench_variants_are_labelled_by_what_varies():
+    def measured(workers: str, bridge: str) -> tuple[list[str], list[str]]:
+        args = argparse.Namespace(workers=workers, bridge=bridge)
+        labels = variants(args)
+        results: dict = {}
+        file_variants(results, args, {label: {"n": i} for i, (label, _) in enumerate(labels)})
+        return [label for label, _ in labels], sorted(results)
+
+    assert measured("1", "") == (["1"], ["n"])
+    assert measured("1,2", "") == (["1", "2"], ["by_workers"])
+    assert measured("2", "thread,trio-asyncio") == (["thread", "trio-asyncio"], ["by_bridge"])
+    both = measured("1,2", "thread,trio-asyncio")
+    assert both == (
+        ["1w thread", "2w thread", "1w trio-asyncio", "2w trio-asyncio"],
+        ["by_variant"],
+    )
+    assert variants(argparse.Namespace(workers="2", bridge="thread"))[0][1] == {
+        "workers": 2,
+        "asyncio_bridge": "thread",
+    }
 
 
 async def test_bench_storm(tmp_path):
