@@ -84,6 +84,11 @@ class Log(Protocol):
         """Up to ``limit`` messages with seq < ``before`` (the latest ones), in seq order."""
         ...
 
+    async def find(self, conv: str, client_id: str) -> dict[str, Any] | None:
+        """The message stored under ``client_id`` in ``conv``, if there is one (a
+        commit whose answer was lost may have stored it)."""
+        ...
+
     def claim_outbox(
         self, limit: int, min_age: float
     ) -> AbstractAsyncContextManager[list[OutboxEvent]]:

@@ -131,6 +131,25 @@ async def test_after_and_history_pages(logs):
     assert await log.history(_conv(), None, 3) == []
 
 
+async def test_find_returns_the_message_stored_under_a_client_id(logs):
+    log, _, _ = logs
+    c = _conv()
+    await log.commit(
+        [_msg(c, "m1"), _msg(c, "~r", "said", user="bot", role="assistant")], [], False
+    )
+    found = await log.find(c, "~r")
+    assert found is not None
+    assert (found["seq"], found["id"], found["text"], found["role"]) == (
+        2,
+        "~r",
+        "said",
+        "assistant",
+    )
+    assert found == (await log.after(c, 1, 1))[0]
+    assert await log.find(c, "never-sent") is None
+    assert await log.find(_conv(), "~r") is None  # ids are per conversation
+
+
 async def test_claims_skip_each_other_and_only_a_clean_exit_deletes(logs):
     a, b, _ = logs
     c = _conv()

@@ -290,3 +290,43 @@ async def test_a_reply_ended_with_nothing_stored_stays_unstored_when_its_owner_w
             await trio.sleep(0.05)
     assert await _assistant(b, conv) == [], "stored after its followers were told nothing was"
     assert (await b.engine.log.inflight([conv]))[0] == []
+
+
+async def test_a_commit_whose_answer_was_lost_is_told_as_stored_after_a_takeover(env: Env, clock):
+    """The owner's final commit lands but its answer is lost; before its retry,
+    the owner is cut off past its lease and declared dead, so the retry is
+    refused (ReplyTaken). The commit removed the in-flight row, so no taker
+    ends the reply: the owner must look it up and end it as stored, not give
+    it up (no end at all) or say nothing was stored."""
+    from chatd.errors import StoreUnavailable
+
+    model = {"fake_tokens": 6, "fake_token_rate": 20.0}
+    a, b, conv, watcher, stream, _ = await _watched_reply(env, FAST, model, "q", 2)
+    log = a.engine.log
+    commit = log.commit
+    lost: list[str] = []
+
+    async def _answer_lost(msgs, published, notify, finished=(), owner=None):
+        out = await commit(msgs, published, notify, finished, owner)
+        if stream in finished and not lost:
+            lost.append(stream)
+            _cut_off(a)  # its retry comes after the takeover
+            raise StoreUnavailable("postgres: connection lost after the statement ran")
+        return out
+
+    log.commit = _answer_lost
+    with trio.fail_after(10):
+        while not lost:
+            await trio.sleep(0.01)
+    # Past A's lease and a sweep of B's: A is declared dead (its commit retries
+    # fail meanwhile, within [streams].commit_timeout).
+    await trio.sleep(FAST["lease"] + 3 * FAST["takeover_interval"] + 0.5)
+    a.chaos.heal()
+    end = await watcher._next_stream_frame(conv, stream, BOUND + 5)
+    while end["type"] == "delta":
+        end = await watcher._next_stream_frame(conv, stream, BOUND + 5)
+    assert lost == [stream]
+    (row,) = await _assistant(b, conv)
+    assert (row["id"], row["status"]) == (stream, "complete")
+    assert end["type"] == "stream.end", end
+    assert (end["seq"], end["status"], end["length"]) == (row["seq"], "complete", len(row["text"]))

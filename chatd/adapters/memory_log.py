@@ -244,6 +244,14 @@ class MemoryLog:
         end = len(conv.messages) if before is None else max(0, min(before - 1, len(conv.messages)))
         return [dict(m) for m in conv.messages[max(0, end - limit) : end]]
 
+    async def find(self, conv: str, client_id: str) -> dict[str, Any] | None:
+        return await self._call(self._find, conv, client_id)
+
+    def _find(self, conv_id: str, client_id: str) -> dict[str, Any] | None:
+        conv = self.db.convs.get(conv_id)
+        seq = None if conv is None else conv.by_client.get(client_id)
+        return None if seq is None else dict(conv.messages[seq - 1])
+
     # -- the outbox ---------------------------------------------------------
 
     @asynccontextmanager

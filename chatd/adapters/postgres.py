@@ -209,6 +209,15 @@ async def _aio_after(pool: asyncpg.Pool, conv: str, after: int, limit: int) -> l
     return [message_dict(r) for r in rows]
 
 
+async def _aio_find(pool: asyncpg.Pool, conv: str, client_id: str) -> dict[str, Any] | None:
+    row = await pool.fetchrow(
+        f"SELECT {_COLUMNS} FROM messages WHERE conv_id = $1 AND client_id = $2",
+        conv,
+        client_id,
+    )
+    return None if row is None else message_dict(row)
+
+
 async def _aio_history(
     pool: asyncpg.Pool, conv: str, before: int | None, limit: int
 ) -> list[dict[str, Any]]:
@@ -281,6 +290,10 @@ class PostgresLog:
     async def history(self, conv: str, before: int | None, limit: int) -> list[dict[str, Any]]:
         async with self._reads:
             return await self.bridge.postgres(_aio_history, self.pool, conv, before, limit)
+
+    async def find(self, conv: str, client_id: str) -> dict[str, Any] | None:
+        async with self._reads:
+            return await self.bridge.postgres(_aio_find, self.pool, conv, client_id)
 
     @asynccontextmanager
     async def claim_outbox(self, limit: int, min_age: float) -> AsyncIterator[list[OutboxEvent]]:

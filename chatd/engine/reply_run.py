@@ -21,6 +21,13 @@ that knew none of its text stores nothing (its followers get
 declared the owner dead (``ReplyTaken``), and the owner ends nothing. Nothing
 is committed twice, no committed text changes, and a reply its followers
 were told ended with nothing stored is never stored.
+
+**A commit whose answer was lost** may have stored the reply (and removed its
+in-flight row, so no taker will find it). If a later attempt is refused, or
+the reply is abandoned meanwhile (its lease lapsed), the owner first looks
+the reply up (``Log.find``): found, its end tells the stored message; not
+found, nothing was stored; no answer within the commit's bound, it ends
+``commit_failed``, which promises neither.
 """
 
 from __future__ import annotations
@@ -202,16 +209,25 @@ class ReplyRunner:
         with self._shutdown.shield(self._cfg.commit_timeout):
             await self._custody.settle(r)
         last: Exception | None = None
+        #: An attempt failed with its outcome unknown (its answer lost after the
+        #: statement ran): the reply may be stored, whatever a later attempt hears.
+        unknown = False
         # The commit completes even if the server is shutting down, within a bound.
         with self._shutdown.shield(self._cfg.commit_timeout):
             while True:
                 if r.abandoned:
+                    if unknown and (stored := await self._find(r)) is not None:
+                        return self._landed(r, stored)
                     return await self._abandon(r)
                 try:
                     committed = await self._committer.commit_now(
                         msg, finished=[r.id], owner=r.owner
                     )
                 except ReplyTaken:
+                    # Refused now, but an earlier attempt may have landed (its
+                    # commit also removed the row a taker would have found).
+                    if unknown and (stored := await self._find(r)) is not None:
+                        return self._landed(r, stored)
                     if not r.registered:  # maybe never recorded: nobody else may end it
                         return await self._abandon(r)
                     # This process was declared dead meanwhile (paused, cut off
@@ -221,6 +237,7 @@ class ReplyRunner:
                     return r.error("interrupted", "taken over by another process", retryable=True)
                 except StoreUnavailable as exc:
                     last = exc
+                    unknown = True
                     self.commit_retries += 1
                     await backoff.sleep()
                     continue
@@ -241,6 +258,30 @@ class ReplyRunner:
         reason = f"{last}" if last else f"no commit within {self._cfg.commit_timeout:g}s"
         log.error("reply %s in %s could not be committed and is lost: %s", r.id, r.conv, reason)
         return r.error("commit_failed", f"the reply could not be stored: {reason}", retryable=True)
+
+    async def _find(self, r: Reply) -> dict[str, Any] | None:
+        """The stored message of ``r``, or None: asked until the log answers (the
+        caller's shield bounds it; cut short, the reply ends ``commit_failed``,
+        which promises nothing either way)."""
+        backoff = Backoff.of(self._retry)
+        while True:
+            try:
+                return await self._log.find(r.conv, r.id)
+            except StoreUnavailable:
+                await backoff.sleep()
+
+    def _landed(self, r: Reply, stored: dict[str, Any]) -> dict[str, Any]:
+        """``r``'s commit landed although its answer was lost: the stored message
+        is the truth, told as its end."""
+        log.warning("reply %s was stored by a commit whose answer was lost", r.id)
+        # Its lease may have lapsed meanwhile (fenced: ``taken``), but no taker
+        # holds it: that commit removed its row. Its end is this process's to tell.
+        r.taken = False
+        if stored["status"] == "interrupted":
+            self.interrupted += 1
+        else:
+            self.completed += 1
+        return r.end(stored["seq"], stored["status"], len(stored["text"]))
 
     async def finish(self, r: Reply, end: dict[str, Any]) -> None:
         """Publish the end frame after the reply's last delta (bounded, even on shutdown)."""
