@@ -330,3 +330,4 @@ async def test_a_commit_whose_answer_was_lost_is_told_as_stored_after_a_takeover
     assert (row["id"], row["status"]) == (stream, "complete")
     assert end["type"] == "stream.end", end
     assert (end["seq"], end["status"], end["length"]) == (row["seq"], "complete", len(row["text"]))
+    assert a.engine.replies.status()["streams_found_stored"] == 1

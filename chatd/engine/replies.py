@@ -140,6 +140,7 @@ class Replies:
             "lane_deltas": self.lane.deltas,
             "lane_failures": self.lane.failures,
             "stream_commit_retries": runner.commit_retries,
+            "streams_found_stored": runner.found_stored,
             "checkpoints": custody.checkpoints,
             "fenced": custody.fenced,
         }

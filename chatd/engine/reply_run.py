@@ -102,6 +102,9 @@ class ReplyRunner:
         self._unseized: dict[str, float] = {}
         self.commit_retries = 0
         self.takeovers = 0
+        #: Replies found stored after their commit's answer was lost and a retry
+        #: was refused or given up (``_landed``).
+        self.found_stored = 0
 
     # -- a reply of this process ---------------------------------------------
 
@@ -277,6 +280,7 @@ class ReplyRunner:
         # Its lease may have lapsed meanwhile (fenced: ``taken``), but no taker
         # holds it: that commit removed its row. Its end is this process's to tell.
         r.taken = False
+        self.found_stored += 1
         if stored["status"] == "interrupted":
             self.interrupted += 1
         else:
