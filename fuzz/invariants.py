@@ -49,7 +49,7 @@ async def check_given_rows(world: World, rows_by_conv: dict[str, list[dict[str, 
     # 7: no leaked feeds, sessions or reply tasks.
     assert set(srv.engine.hub.feeds) <= set(world.convs())
     with trio.fail_after(10):
-        while len(srv.engine.sessions) != len(world.senders) + len(world.watchers) + world.others:
+        while len(srv.engine.sessions) != len(world.connected()) + world.others:
             await trio.sleep(0.05)
     with trio.move_on_after(10):  # a finished reply may still be publishing its end
         while srv.engine.replies.running:

@@ -214,7 +214,8 @@ class World:
     run_id: str
     #: Every reply ends within this many seconds once the faults are over.
     bound: float
-    senders: list[Client] = field(default_factory=list)
+    #: Connected on first use (``_sender``): most programs use one or two of them.
+    senders: list[Client | None] = field(default_factory=list)
     #: One request at a time per sending connection: the test client's
     #: request() reads replies itself, so two concurrent callers can miss theirs.
     locks: list[trio.Lock] = field(default_factory=list)
@@ -264,12 +265,23 @@ class World:
             # program says, not on a process still starting.
             await self.peer.url_when_up()
         for i in range(CLIENTS):
-            self.senders.append(await self._client(f"s{i}"))
+            self.senders.append(None)
             self.locks.append(trio.Lock())
             w = Watcher(await self._client(f"w{i}"), self.conv(i % CONVS))
             await w.start(self.nursery, after=0)
             self.starts[id(w)] = 0
             self.watchers.append(w)
+
+    async def _sender(self, c: int) -> Client:
+        """Sender ``c``, connected on its first use; call with ``locks[c]`` held."""
+        client = self.senders[c]
+        if client is None:
+            client = self.senders[c] = await self._client(f"s{c}")
+        return client
+
+    def connected(self) -> list[Client]:
+        """Every connection the program made and still holds (senders, watchers)."""
+        return [c for c in self.senders if c is not None] + [w.client for w in self.watchers]
 
     # -- steps ------------------------------------------------------------
 
@@ -281,7 +293,6 @@ class World:
             await self._settle_faults()
 
     async def _send(self, c: int, record: _Sent, reply: _Stream | None) -> None:
-        client = self.senders[c]
         frame: dict[str, Any] = {"op": "send", "conv": record.conv, "id": record.mid, "text": "x"}
         if reply is not None:
             frame["reply"] = True
@@ -291,6 +302,7 @@ class World:
         with trio.fail_after(60):
             while True:
                 async with self.locks[c]:
+                    client = await self._sender(c)
                     answer = await client.request(frame, "ack", timeout=60)
                 if answer["type"] == "ack":
                     break
@@ -360,11 +372,11 @@ class World:
         if not mine:
             return
         mine[-1].stop_requested = True
-        client = self.senders[step.c]
         frame = {"op": "stop", "conv": mine[-1].conv, "stream": mine[-1].id}
 
         async def _stop() -> None:
             async with self.locks[step.c]:
+                client = await self._sender(step.c)
                 reply = await client.request(frame, "stopping", timeout=30)
             assert reply["type"] == "stopping" or reply["code"] in ("unknown_stream", "unavailable")
 
@@ -467,6 +479,6 @@ async def run_program(
                 raise
             finally:
                 await peer.close()
-                for c in world.senders + [w.client for w in world.watchers]:
+                for c in world.connected():
                     await c.close()
                 nursery.cancel_scope.cancel()

@@ -50,6 +50,9 @@ def of_engine(engine: Engine) -> Counter[str]:
             "fenced": replies.custody.fenced,
             "interrupted": replies.runner.interrupted,
             "commit_retry": replies.runner.commit_retries,
+            # Rarer than a generated budget reaches (a commit's answer lost,
+            # then its lease): counted, not required; a pinned program has it.
+            "found_stored": replies.runner.found_stored,
             "lane_failure": replies.lane.failures,
             "duplicate_send": engine.committer.duplicates,
             "owed_reply": replies.owed.paid,

@@ -25,6 +25,7 @@ from chatd.chaos import Chaos
 from chatd.config import AuthConfig, Config
 from chatd.engine.engine import Engine, open_engine
 from chatd.entropy import new_rng
+from chatd.identity import Identity
 from chatd.model import open_model
 from chatd.ports import ConnectionGone
 from chatd.shutdown import ShutdownClock
@@ -127,7 +128,28 @@ _EVERY_CONV = {"fz-*": "rw"}
 def _verifier(cfg: Config) -> TokenVerifier | None:
     if cfg.auth.mode != "jwt":
         return None
-    return TokenVerifier(cfg.auth, StaticKey(cfg.auth.secret), (cfg.streams.assistant_user,))
+    return _RememberingVerifier(cfg.auth, StaticKey(cfg.auth.secret), (cfg.streams.assistant_user,))
+
+
+#: Identities verified so far, by token, across runs (see _RememberingVerifier).
+_VERIFIED: dict[str, Identity] = {}
+
+
+class _RememberingVerifier(TokenVerifier):
+    """The real verifier, run once per token of the whole exploration.
+
+    Every run says hello six times or more with the same few tokens (minted
+    once per user and grants, valid for a day): verifying each again was a
+    tenth of an empty run. A token's identity does not change while it is
+    valid, and the verifier itself is proved in tests/test_tokens.py; a
+    token it refuses is refused every time (refusals are not remembered).
+    """
+
+    async def verify(self, token: str) -> Identity:
+        known = _VERIFIED.get(token)
+        if known is None:
+            known = _VERIFIED[token] = await super().verify(token)
+        return known
 
 
 @functools.cache

@@ -140,7 +140,11 @@ PINNED = [
     # was lost (the row had landed); the taker knew none of it and ended it
     # with nothing stored; the reply, registered again under the new id, was
     # stored complete. Fixed: such a reply is abandoned at the fence (nothing
-    # stored, stream.error), as its taker ends it.
+    # stored, stream.error), as its taker ends it. With the senders connected
+    # on first use, the same program caught the abandoning itself: the reply's
+    # final commit had landed with its answer lost, and it was still told as
+    # nothing stored. Fixed: an owner whose commit's outcome is unknown looks
+    # the reply up before it gives it up (tests/test_takeover.py has it too).
     (
         [
             Break(component="postgres", ms=50),
@@ -184,6 +188,11 @@ ACCESS = [
 @pytest.mark.parametrize(("program", "seed"), PINNED + ACCESS)
 def test_pinned_programs(program, seed):
     simulate(program, seed)
+
+
+def test_a_reply_stored_by_a_commit_whose_answer_was_lost_is_found():
+    # PINNED[7]: the commit landed, its answer was lost, the lease lapsed.
+    assert simulate(*PINNED[7])["found_stored"] == 1
 
 
 def test_generated_interleavings_hold_every_invariant_and_reach_every_path():
