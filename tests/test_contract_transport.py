@@ -8,6 +8,7 @@ import orjson
 import pytest
 import trio
 
+from chatd.adapters.redis_transport import RedisTransport
 from chatd.errors import BusUnavailable
 from chatd.records import BusMessage, LaneOp
 
@@ -120,6 +121,34 @@ async def test_a_seized_reply_takes_no_more_from_its_old_owner(transports):
     got = await _until(other, lambda got: len(got) >= 2)
     assert [m.data for m in got] == ['{"d":1}', '{"end":1}']
     assert (await t.read_streams([c]))[0] == []
+
+
+async def _forget_scripts(t) -> None:
+    """Redis forgets every script it was sent (as after a restart); the memory
+    twin has none to forget."""
+    if isinstance(t, RedisTransport):
+        await t.bridge.redis(lambda client: client.script_flush(), t.client)
+
+
+async def test_the_lane_and_stream_reads_survive_redis_forgetting_their_scripts(transports):
+    """The scripts go by their SHA1; when Redis lacks one, it is loaded and the
+    calls it refused are run again, once each: nothing is lost or doubled."""
+    t, other, _ = transports
+    c = _conv()
+    await _subscribed(other, c)
+    await _forget_scripts(t)
+    a = _op(c, "~f", ["one"], 1, 0, "one", ['{"d":1}'])
+    b = _op(c, "~g", ["two"], 1, -1, "two", ['{"d":2}'])
+    assert await t.lane([a, b], 60) == [3, 3]
+    await _forget_scripts(t)
+    assert await t.lane([_op(c, "~f", ["one", "!"], 2, 3, "!", ['{"d":3}'])], 60) == [4]
+    await _forget_scripts(t)
+    texts = {f.stream: f.text for f in (await t.read_streams([c, _conv()]))[0]}
+    assert texts == {"~f": "one!", "~g": "two"}
+    got = await _until(other, lambda got: len(got) >= 3)
+    assert sorted(m.data for m in got) == ['{"d":1}', '{"d":2}', '{"d":3}']
+    await trio.sleep(0.2)
+    assert len(got + await other.receive(0.1)) == 3, "each frame published once"
 
 
 async def test_lane_metadata_of_several_replies(transports):

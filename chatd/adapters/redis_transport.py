@@ -10,6 +10,7 @@ wakes it through a channel of this process's own (the waker task, owned by
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -20,6 +21,7 @@ import orjson
 import redis.asyncio as aioredis
 import trio
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
 from chatd.adapters.bridge import Bridge
@@ -97,6 +99,41 @@ return out
 """
 
 
+class _Lua:
+    """A Lua script run by its SHA1 (EVALSHA): its text goes to Redis only when
+    Redis lacks it (restarted, or SCRIPT FLUSH), not with every call."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.sha = hashlib.sha1(text.encode()).hexdigest()
+
+    async def run_many(self, client: aioredis.Redis, calls: Sequence[Sequence[Any]]) -> list[Any]:
+        """One pipelined EVALSHA per call (``numkeys, *keys, *args``); the calls
+        Redis refused for want of the script (it never ran them) are run again
+        once it is loaded. The first other error is raised, as EVAL's would be."""
+        results = await self._pipelined(client, calls)
+        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        if missing:
+            await client.script_load(self.text)
+            again = await self._pipelined(client, [calls[i] for i in missing])
+            for i, r in zip(missing, again, strict=True):
+                results[i] = r
+        for r in results:
+            if isinstance(r, Exception):
+                raise r
+        return results
+
+    async def _pipelined(self, client: aioredis.Redis, calls: Sequence[Sequence[Any]]) -> list[Any]:
+        async with client.pipeline(transaction=False) as pipe:
+            for call in calls:
+                pipe.evalsha(self.sha, *call)
+            return list(await pipe.execute(raise_on_error=False))
+
+
+_LANE = _Lua(_LANE_SCRIPT)
+_READ_STREAMS = _Lua(_READ_STREAMS_SCRIPT)
+
+
 async def _aio_client(cfg: RedisConfig) -> aioredis.Redis:
     return aioredis.Redis.from_url(
         cfg.url,
@@ -156,26 +193,23 @@ async def _aio_lane(client: aioredis.Redis, ops: Sequence[LaneOp], ttl: int) -> 
         )
         for op in ops
     ]
-    async with client.pipeline(transaction=False) as pipe:
-        for op, (k1, k2, k3) in zip(ops, keys, strict=True):
-            pipe.eval(_LANE_SCRIPT, 3, k1, k2, k3, *_lane_args(op, ttl, op.expect_bytes < 0))
-        results = [int(r) for r in await pipe.execute()]
+    calls = [
+        (3, *k, *_lane_args(op, ttl, op.expect_bytes < 0)) for op, k in zip(ops, keys, strict=True)
+    ]
+    results = [int(r) for r in await _LANE.run_many(client, calls)]
     stale = [i for i, r in enumerate(results) if r == -1]
     if stale:
-        async with client.pipeline(transaction=False) as pipe:
-            for i in stale:
-                pipe.eval(_LANE_SCRIPT, 3, *keys[i], *_lane_args(ops[i], ttl, True))
-            for i, r in zip(stale, await pipe.execute(), strict=True):
-                results[i] = int(r)
+        again = [(3, *keys[i], *_lane_args(ops[i], ttl, True)) for i in stale]
+        for i, r in zip(stale, await _LANE.run_many(client, again), strict=True):
+            results[i] = int(r)
     return results
 
 
 async def _aio_read_streams(client: aioredis.Redis, convs: Sequence[str]) -> list[list[InFlight]]:
     # One pipelined round trip; the script reads each conversation atomically.
-    async with client.pipeline(transaction=False) as pipe:
-        for conv in convs:
-            pipe.eval(_READ_STREAMS_SCRIPT, 1, _streams_key(conv), _partial_prefix(conv))
-        replies = await pipe.execute()
+    replies = await _READ_STREAMS.run_many(
+        client, [(1, _streams_key(conv), _partial_prefix(conv)) for conv in convs]
+    )
     out = []
     for flat in replies:
         found = []
