@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,8 +78,40 @@ def explore(
     quiet.setLevel(logging.CRITICAL)  # the engine logs every injected fault
     t0 = time.perf_counter()
     try:
-        one()
+        with _constants_of_no_module():
+            one()
     finally:
         result.seconds = time.perf_counter() - t0
         quiet.setLevel(level)
     return result
+
+
+@contextmanager
+def _constants_of_no_module() -> Iterator[None]:
+    """A seed's programs depend on the seed alone, not on what else is imported.
+
+    Hypothesis draws some numbers (1 in 20) from the literals in the source of
+    every local module loaded so far (``_get_local_constants`` in
+    ``hypothesis.internal.conjecture.providers``): the same seed generated
+    other programs in pytest's process, which had imported the whole suite,
+    than in a worker that imported only the simulator. Pinned to none while
+    exploring. Private API: on a Hypothesis without it nothing is pinned, and
+    sim/test_simulation.py's workers test, which compares a worker's streams
+    with this process's after the whole suite was imported, fails to say so.
+    """
+    try:
+        from hypothesis.internal.conjecture import providers
+
+        original = providers._get_local_constants
+        cached = providers.CONSTANTS_CACHE.cache
+        none = providers.Constants()
+    except (ImportError, AttributeError):  # pragma: no cover - another Hypothesis
+        yield
+        return
+    providers._get_local_constants = lambda: none
+    cached.clear()
+    try:
+        yield
+    finally:
+        providers._get_local_constants = original
+        cached.clear()

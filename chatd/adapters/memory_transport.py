@@ -31,7 +31,10 @@ class MemoryBroker:
     """The shared state: who is subscribed to what, and the keys."""
 
     def __init__(self, *, seed: int | None = None) -> None:
-        self.subscribers: dict[str, set[MemoryTransport]] = {}
+        #: Each channel's subscribers, in the order they subscribed (a dict as an
+        #: ordered set: delivery, and the draws of ``rng`` it makes, must not
+        #: follow memory addresses, or a seeded run would depend on its process).
+        self.subscribers: dict[str, dict[MemoryTransport, None]] = {}
         #: conv -> stream -> (metadata JSON); conv -> expiry of that hash.
         self.streams: dict[str, dict[str, str]] = {}
         self.streams_expire: dict[str, float] = {}
@@ -68,7 +71,7 @@ class MemoryBroker:
         self.streams_expire.clear()
         self.partials.clear()
         self.seized.clear()
-        everyone = {t for subs in self.subscribers.values() for t in subs}
+        everyone = dict.fromkeys(t for subs in self.subscribers.values() for t in subs)
         for t in everyone:
             t._cut()
 
@@ -225,7 +228,7 @@ class MemoryTransport:
 
     def _drop_connection(self) -> None:
         for subs in self.broker.subscribers.values():
-            subs.discard(self)
+            subs.pop(self, None)
         self.subscribed.clear()
         self._activating.clear()
         self._inbox.clear()
@@ -270,7 +273,7 @@ class MemoryTransport:
         b = self.broker
         if not self._connected:
             self._connected = True
-            b.subscribers.setdefault(_CONTROL, set()).add(self)
+            b.subscribers.setdefault(_CONTROL, {})[self] = None
         now = trio.current_time()
         for conv in self._wanted - self.subscribed - self._activating.keys():
             self._activating[conv] = now + b.confirm_delay
@@ -279,13 +282,13 @@ class MemoryTransport:
                 del self._activating[conv]
             elif at <= now:
                 del self._activating[conv]
-                b.subscribers.setdefault(conv, set()).add(self)
+                b.subscribers.setdefault(conv, {})[self] = None
                 self.subscribed.add(conv)
                 self._arrive(BusMessage("subscribe", conv))
         for conv in self.subscribed - self._wanted:
             subs = b.subscribers.get(conv)
             if subs is not None:
-                subs.discard(self)
+                subs.pop(self, None)
             self.subscribed.discard(conv)
 
     def close(self) -> None:
