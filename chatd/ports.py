@@ -148,8 +148,10 @@ class Log(Protocol):
         (one round trip for all)."""
         ...
 
-    async def drop_reply(self, stream: str) -> None:
-        """A reply ended without a message (its model failed): its row goes."""
+    async def drop_reply(self, stream: str, owner: str) -> bool:
+        """A reply ended without a message (its model failed): its row goes, if
+        ``owner`` still holds it. True when no row is left (dropped now, or there
+        was none); False when another process took it over (it ends the reply)."""
         ...
 
     # -- memberships ------------------------------------------------------

@@ -172,6 +172,43 @@ PINNED = [
         ],
         0,
     ),
+    # A reply the model failed ended with nothing stored, but Postgres was
+    # down, so its row was not dropped; its process's lease lapsed, and its
+    # own orphan sweep declared it dead and took the row over (committed
+    # interrupted). Fixed: only a live process takes orphans over, and a
+    # fenced process still drops what it ended unstored, never taking it.
+    (
+        [
+            Send(c=0, conv=0),
+            Send(c=0, conv=0),
+            Send(c=0, conv=0),
+            Send(c=0, conv=0),
+            Send(c=0, conv=0),
+            Reply(c=0, conv=0, tokens=10, fail_at=10),
+            Break(component="postgres", ms=1001),
+            Stall(c=0, ms=801),
+        ],
+        0,
+    ),
+    # The same with a live peer: the peer took the failed reply's row over
+    # (the owner, cut off from Postgres, could not drop it) and stored it,
+    # though its followers had been told nothing was. Fixed: a reply ends with
+    # nothing stored only once its owner dropped its row (the drop is refused
+    # if another process holds it: that one ends the reply); the log out of
+    # reach, it ends commit_failed, which promises nothing. And a reply that
+    # failed at once: its registration, in flight, landed after it ended; the
+    # drop now waits for it and knows its owner (second program).
+    (
+        [
+            Reply(c=0, conv=0, tokens=10, fail_at=10),
+            Heal(),
+            Break(component="postgres", ms=1001),
+            PeerReply(conv=0, tokens=1),
+            Stall(c=0, ms=800),
+        ],
+        0,
+    ),
+    ([Send(c=0, conv=0), Heal(), Reply(c=0, conv=0, tokens=1, fail_at=0)], 0),
 ]
 
 

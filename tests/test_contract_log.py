@@ -244,6 +244,27 @@ async def test_leases_fence_a_process_that_let_its_lapse(logs):
     assert await other.heartbeat(b, 30) is True
 
 
+async def test_a_taker_past_its_own_lease_takes_nothing_and_declares_no_one_dead(logs):
+    """A process cut off past its lease must not declare itself (or anyone)
+    dead and take replies over, its own included: only a live process may."""
+    log, other, _ = logs
+    c = _conv()
+    a, b = f"p-{uuid.uuid4().hex[:8]}", f"p-{uuid.uuid4().hex[:8]}"
+    meta = '{"reply_to": 1, "user": "assistant", "role": "assistant", "ts": 1}'
+    await log.heartbeat(a, 0.5)
+    await other.heartbeat(b, 0.5)
+    await log.register_replies(a, [Registration(f"~{c}-a", c, meta)])
+    await trio.sleep(0.7)  # both leases lapse
+    assert await log.take_orphans(a) == [], "not its own lapsed replies"
+    assert await other.take_orphans(b) == [], "nor another's, while its own lease lapsed"
+    assert await other.take_orphans(f"p-{uuid.uuid4().hex[:8]}") == [], "nor with no lease"
+    assert await other.heartbeat(b, 30) is False, "lapsed: fenced, but not declared dead..."
+    live = f"p-{uuid.uuid4().hex[:8]}"
+    assert await other.heartbeat(live, 30) is True
+    taken = await other.take_orphans(live)
+    assert [o.stream for o in taken] == [f"~{c}-a"], "...until a live process does"
+
+
 async def test_replies_in_flight_checkpoints_and_takeover(logs):
     log, other, _ = logs
     c = _conv()
@@ -280,8 +301,11 @@ async def test_replies_in_flight_checkpoints_and_takeover(logs):
     msg = NewMessage(c, r1, "assistant", "héllo wörld", role="assistant", status="interrupted")
     results, _ = await other.commit([msg], [], False, finished=[r1])
     assert results[0].message["status"] == "interrupted"
-    await other.drop_reply(r2)
-    await other.drop_reply(f"~{c}-3")
+    # A drop goes only by the row's holder: the old owner's is refused (False).
+    assert await log.drop_reply(r2, owner) is False, "taken: not the owner's to drop"
+    assert await other.drop_reply(r2, taker) is True
+    assert await other.drop_reply(f"~{c}-3", taker) is True
+    assert await other.drop_reply(f"~{c}-none", taker) is True, "no row: nothing left"
     assert (await log.inflight([c]))[0] == []
 
 
@@ -300,7 +324,7 @@ async def test_a_reply_commit_is_refused_once_its_process_is_declared_dead(logs)
     await trio.sleep(0.7)
     (orphan,) = await other.take_orphans(taker)  # the owner is declared dead
     assert orphan.text == ""
-    await other.drop_reply(orphan.stream)
+    assert await other.drop_reply(orphan.stream, taker) is True
     late = NewMessage(c, f"~{c}-1", "assistant", "too late", role="assistant", status="complete")
     with pytest.raises(ReplyTaken):
         await log.commit([late], [], False, finished=[f"~{c}-1"], owner=owner)

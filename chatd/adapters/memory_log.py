@@ -351,6 +351,9 @@ class MemoryLog:
     async def take_orphans(self, taker: str) -> list[Orphan]:
         def _take() -> list[Orphan]:
             now = trio.current_time()
+            lease, dead = self.db.processes.get(taker, (0.0, True))
+            if dead or lease < now:
+                return []  # only a live process declares others dead
             for p in self.db.processes.values():
                 if p[0] < now:
                     p[1] = True
@@ -376,8 +379,15 @@ class MemoryLog:
             ]
         )
 
-    async def drop_reply(self, stream: str) -> None:
-        await self._call(lambda: self.db.replies.pop(stream, None))
+    async def drop_reply(self, stream: str, owner: str) -> bool:
+        def _drop() -> bool:
+            row = self.db.replies.get(stream)
+            if row is not None and row["owner"] != owner:
+                return False
+            self.db.replies.pop(stream, None)
+            return True
+
+        return await self._call(_drop)
 
     async def memberships(self, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], str]:
         return await self._call(

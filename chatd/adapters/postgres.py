@@ -274,8 +274,8 @@ class PostgresLog:
         async with self._reads:
             return await self.bridge.postgres(replies.aio_inflight, self.pool, convs)
 
-    async def drop_reply(self, stream: str) -> None:
-        await self.bridge.postgres(replies.aio_drop_reply, self.pool, stream)
+    async def drop_reply(self, stream: str, owner: str) -> bool:
+        return await self.bridge.postgres(replies.aio_drop_reply, self.pool, stream, owner)
 
     async def snapshots(
         self, asks: Sequence[SnapshotAsk], limit: int, max_catchup: int

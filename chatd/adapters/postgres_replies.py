@@ -57,17 +57,23 @@ async def aio_take_orphans(pool: asyncpg.Pool, taker: str) -> list[Orphan]:
     # taken. Row locks make two takers exclusive: the second re-checks the owner
     # after the first committed, and skips. The taker's own taken rows come back
     # too: if the answer to an earlier call was lost, they are found again here.
+    # Only a live taker (its own lease current) declares others dead or takes
+    # anything: a process cut off past its lease would otherwise declare
+    # itself dead and take its own replies over, ended or not.
     rows = await pool.fetch(
-        "WITH newly AS ("
+        "WITH me AS ("
+        "  SELECT 1 FROM chatd_processes WHERE id = $1 AND NOT dead AND lease_until >= now()"
+        "), newly AS ("
         "  UPDATE chatd_processes SET dead = true"
-        "  WHERE lease_until < now() AND NOT dead RETURNING id"
+        "  WHERE lease_until < now() AND NOT dead AND EXISTS (SELECT 1 FROM me) RETURNING id"
         "), forgotten AS ("
         "  DELETE FROM chatd_processes WHERE dead AND lease_until < now() - interval '1 day'"
         ") "
         "UPDATE replies_in_flight AS r SET owner = $1, taken = true, updated_at = now() "
-        "WHERE r.owner IN (SELECT id FROM newly) "
+        "WHERE EXISTS (SELECT 1 FROM me) AND ("
+        "   r.owner IN (SELECT id FROM newly) "
         "   OR r.owner IN (SELECT id FROM chatd_processes WHERE dead) "
-        "   OR (r.owner = $1 AND r.taken) "
+        "   OR (r.owner = $1 AND r.taken)) "
         "RETURNING r.stream_id, r.conv_id, r.meta, r.body",
         taker,
     )
@@ -86,5 +92,14 @@ async def aio_inflight(pool: asyncpg.Pool, convs: Sequence[str]) -> list[list[In
     return [by_conv[c] for c in convs]
 
 
-async def aio_drop_reply(pool: asyncpg.Pool, stream: str) -> None:
-    await pool.execute("DELETE FROM replies_in_flight WHERE stream_id = $1", stream)
+async def aio_drop_reply(pool: asyncpg.Pool, stream: str, owner: str) -> bool:
+    # The outer SELECT sees the row as it was before the DELETE (one snapshot).
+    row = await pool.fetchrow(
+        "WITH d AS (DELETE FROM replies_in_flight WHERE stream_id = $1 AND owner = $2 "
+        "RETURNING 1) "
+        "SELECT EXISTS (SELECT 1 FROM d) AS dropped, "
+        "EXISTS (SELECT 1 FROM replies_in_flight WHERE stream_id = $1) AS held",
+        stream,
+        owner,
+    )
+    return bool(row["dropped"]) or not row["held"]

@@ -69,7 +69,7 @@ class Custody:
         #: The registrar's round in flight (its replies may land in the log or not).
         self._in_round: set[str] = set()
         self._round_done = trio.Event()
-        self._to_drop: set[str] = set()
+        self._to_drop: dict[str, str] = {}
         self.fenced = 0
         #: Leases renewed (a lost one is noticed, and fenced, before the next counts).
         self.renewals = 0
@@ -94,17 +94,21 @@ class Custody:
         self.replies.pop(r.id, None)
         self._unregistered.pop(r.id, None)
 
-    async def drop(self, r: Reply) -> None:
-        """``r`` ended without a message: its row goes now, or (the log unavailable,
-        or the caller's bound ran out) from the heartbeat, retried until it does."""
+    async def drop(self, r: Reply) -> bool | None:
+        """``r`` ended without a message: its row goes, if this process still holds
+        it. True: no row is left; False: another process took it over (that one
+        ends it); None: the log did not answer (the heartbeat retries the drop)."""
         self.release(r)
-        self._to_drop.add(r.id)
         await self.settle(r)
+        if r.owner is None:
+            return True  # never registered: there is no row
+        self._to_drop[r.id] = r.owner
         try:
-            await self._log.drop_reply(r.id)
+            gone = await self._log.drop_reply(r.id, r.owner)
         except Unavailable:
-            return
-        self._to_drop.discard(r.id)
+            return None
+        self._to_drop.pop(r.id, None)
+        return gone
 
     async def registrar(self) -> None:
         backoff = Backoff.of(self._retry)
@@ -135,6 +139,9 @@ class Custody:
                 self._round_done = trio.Event()
             backoff.reset()
             for r in batch:
+                # Its row is in the log under ``process`` now, even if the reply
+                # ended meanwhile (its drop, waiting for this round, needs to know).
+                r.owner = r.owner or process
                 if self._unregistered.pop(r.id, None) is not None and process == self.process:
                     r.registered = True
                     r.owner = process
@@ -181,18 +188,19 @@ class Custody:
                 if r.scope is not None:
                     r.scope.cancel()
         # Replies the log never heard of are nobody else's: they stay, and are
-        # registered under the new id.
-        self._to_drop.clear()
+        # registered under the new id. Rows of replies that ended without a
+        # message and could not be dropped yet stay to drop: their followers
+        # were told nothing was stored, so no takeover may store them.
         self.process = _new_id()
         self._leased = trio.Event()
 
     async def _drop_forgotten(self) -> None:
-        for stream in list(self._to_drop):
+        for stream, owner in list(self._to_drop.items()):
             try:
-                await self._log.drop_reply(stream)
+                await self._log.drop_reply(stream, owner)
             except Unavailable:
                 return
-            self._to_drop.discard(stream)
+            self._to_drop.pop(stream, None)
 
     async def checkpoint(self) -> None:
         interval = self._cfg.checkpoint_interval_ms / 1000.0
@@ -226,6 +234,9 @@ class Custody:
             except Unavailable as exc:
                 log.debug("orphan sweep postponed: %s", exc)
             else:
-                held = {o.stream for o in pending}
+                held = {o.stream for o in pending} | self._to_drop.keys()
+                # One of this process's own, ended with nothing stored, whose
+                # row it could not drop before its lease lapsed: it is dropped
+                # (the heartbeat does), never taken over.
                 pending += [o for o in taken if o.stream not in held]
             pending = [o for o in pending if not await take_over(o)]

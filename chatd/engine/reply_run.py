@@ -121,40 +121,56 @@ class ReplyRunner:
             elif error is not None and not r.interrupted:
                 log.warning("reply %s in %s failed: %s", r.id, r.conv, error)
                 self.failed += 1
-                await self._drop(r)
-                end = r.error("model_failed", str(error), retryable=True)
+                end = await self._unstored_end(r, "model_failed", str(error))
             else:
                 r.state = "committing"
                 end = await self._commit(r, self._status(r))
         finally:
             r.state = "ended"
-            if r.taken:
-                self._custody.release(r)  # its row is its taker's now
-            else:
-                if end is None and r.length == 0:
-                    await self._drop(r)
-                    end = r.error(
-                        "interrupted", "the server stopped before the reply began", retryable=True
-                    )
-                elif end is None:
+            if end is None and not r.taken:
+                if r.length == 0:
+                    why = "the server stopped before the reply began"
+                    end = await self._unstored_end(r, "interrupted", why)
+                else:
                     # Cancelled while generating (the server stops at once):
                     # what was said is still committed, within the shutdown's bound.
                     end = await self._commit(r, "interrupted")
-                self._custody.release(r)
+            self._custody.release(r)  # taken: its row is its taker's now
+            if end is not None and not r.taken:
                 await self.finish(r, end)
 
-    async def _abandon(self, r: Reply) -> dict[str, Any]:
+    async def _abandon(self, r: Reply) -> dict[str, Any] | None:
         """End ``r`` with nothing stored: its custody was lost before the log confirmed it
         (Reply.abandoned). A taker, if any, knew none of it and ends it the same way."""
         log.warning("reply %s lost its custody before it was recorded: ended, not stored", r.id)
-        await self._drop(r)
         why = "this server lost its lease before the reply was recorded"
-        return r.error("interrupted", why, retryable=True)
+        return await self._unstored_end(r, "interrupted", why)
 
-    async def _drop(self, r: Reply) -> None:
-        """No message for ``r``: nobody may take its row over and commit it later."""
-        with self._shutdown.shield(_END_WAIT):
-            await self._custody.drop(r)
+    async def _unstored_end(self, r: Reply, code: str, why: str) -> dict[str, Any] | None:
+        """The end of ``r`` stored nowhere, told only once its row is gone: a row
+        left behind would let a takeover store what its followers were told was
+        not. None: another process took it over (``r.taken``; that one ends it).
+        The log unreachable within the bound, it ends ``commit_failed``, which
+        promises nothing either way."""
+        gone = await self._drop(r)
+        if gone is False:
+            log.warning("reply %s was taken over before its row was dropped", r.id)
+            r.taken = True
+            return None
+        if gone is None:
+            why = f"{why}; its record could not be removed, so it may yet be stored"
+            return r.error("commit_failed", why, retryable=True)
+        return r.error(code, why, retryable=True)
+
+    async def _drop(self, r: Reply) -> bool | None:
+        """No message for ``r``: its row goes (:meth:`Custody.drop`), retried through
+        outages within the commit's bound; None if the log never answered."""
+        backoff = Backoff.of(self._retry)
+        with self._shutdown.shield(self._cfg.commit_timeout):
+            while (gone := await self._custody.drop(r)) is None:
+                await backoff.sleep()
+            return gone
+        return None
 
     @staticmethod
     def _status(r: Reply) -> str:
@@ -206,7 +222,7 @@ class ReplyRunner:
                 r.append(token)
                 self.lane.mark(r)
 
-    async def _commit(self, r: Reply, status: str) -> dict[str, Any]:
+    async def _commit(self, r: Reply, status: str) -> dict[str, Any] | None:
         msg = NewMessage(r.conv, r.id, r.user, r.text, role="assistant", status=status)
         backoff = Backoff.of(self._retry)
         with self._shutdown.shield(self._cfg.commit_timeout):
@@ -349,13 +365,15 @@ class ReplyRunner:
         r.sent_parts, r.sent_offset, r.sent_bytes, r.start_sent = 1, len(text), -1, True
         if text:
             end = await self._commit(r, "interrupted")
-            if end["type"] != "stream.end":
+            if end is None or end["type"] != "stream.end":
                 return False
         else:
             try:
-                await self._log.drop_reply(o.stream)
+                mine = await self._log.drop_reply(o.stream, self._custody.process)
             except Unavailable:
                 return False
+            if not mine:
+                return True  # taken from this process in turn: its new taker ends it
             why = "the process generating the reply stopped before it said anything"
             end = r.error("interrupted", why, retryable=True)
         self.takeovers += 1
