@@ -138,7 +138,7 @@ _VERIFIED: dict[str, Identity] = {}
 class _RememberingVerifier(TokenVerifier):
     """The real verifier, run once per token of the whole exploration.
 
-    Every run says hello six times or more with the same few tokens (minted
+    Every run says hello three times or more with the same few tokens (minted
     once per user and grants, valid for a day): verifying each again was a
     tenth of an empty run. A token's identity does not change while it is
     valid, and the verifier itself is proved in tests/test_tokens.py; a
