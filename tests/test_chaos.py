@@ -57,6 +57,32 @@ async def test_fraction_and_latency_modes():
         chaos.break_for("mysql", 1)
 
 
+async def test_an_answer_at_once_keeps_the_gates_and_their_deadline(mock_clock):
+    """``call_at_once`` (the memory twins' path) answers as ``call`` does: at once
+    through closed gates, an outage through an open one, and a latency that
+    outlasts the deadline is an outage too."""
+    mock_clock.autojump_threshold = 0
+    chaos = Chaos()
+    answers: list[int] = []
+
+    def answer() -> int:
+        answers.append(1)
+        return 42
+
+    assert await chaos.call_at_once(("postgres",), 1.0, answer) == 42
+    assert trio.current_time() == 0.0
+    chaos.break_for("postgres", 10)
+    with pytest.raises(StoreUnavailable, match="chaos switch"):
+        await chaos.call_at_once(("postgres",), 1.0, answer)
+    chaos.break_for("redis", 10, latency=0.3)
+    assert await chaos.call_at_once(("redis",), 1.0, answer) == 42
+    assert trio.current_time() == pytest.approx(0.3)
+    chaos.break_for("redis", 10, latency=2.0)
+    with pytest.raises(BusUnavailable, match="no answer within 1s"):
+        await chaos.call_at_once(("redis",), 1.0, answer)
+    assert len(answers) == 2  # neither the refused call nor the late one ran
+
+
 async def test_latency_mode_slows_calls_through_the_gateway(server):
     server.chaos.break_for("redis", 30, latency=0.3)
     t0 = trio.current_time()

@@ -122,14 +122,13 @@ class MemoryLog:
             self.db.listeners.remove(self)
 
     async def _call(self, fn: Any, *args: Any) -> Any:
-        async def round_trip() -> Any:
-            await trio.lowlevel.checkpoint()
+        def statement() -> Any:
             result = fn(*args)
             if self.db.answer_loss and self.db.rng.random() < self.db.answer_loss:
                 raise StoreUnavailable("postgres: connection lost after the statement ran")
             return result
 
-        return await self._chaos.call(("postgres",), self._timeout, round_trip)
+        return await self._chaos.call_at_once(("postgres",), self._timeout, statement)
 
     # -- writes -----------------------------------------------------------
 
