@@ -37,9 +37,14 @@ class Client:
     async def send(self, frame: dict[str, Any] | str) -> None:
         await self.ws.send_message(frame if isinstance(frame, str) else json.dumps(frame))
 
-    async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
-        with trio.fail_after(timeout):
+    async def recv(self, timeout: float | None = 5.0) -> dict[str, Any]:
+        """The next frame; ``None``: no deadline of its own (a caller's covers it,
+        or a reader that waits as long as the connection lives)."""
+        if timeout is None:
             frame = json.loads(await self.ws.get_message())
+        else:
+            with trio.fail_after(timeout):
+                frame = json.loads(await self.ws.get_message())
         self.frames.append(frame)
         return frame
 
@@ -50,7 +55,7 @@ class Client:
                 return self._unread.pop(i)
         with trio.fail_after(timeout):
             while True:
-                frame = await self.recv(timeout=timeout)
+                frame = await self.recv(timeout=None)
                 if frame.get("type") == type_ and all(frame.get(k) == v for k, v in match.items()):
                     return frame
                 self._unread.append(frame)
@@ -67,7 +72,7 @@ class Client:
                 for i, f in enumerate(self._unread):
                     if f.get("ref") == ref:
                         return self._unread.pop(i)
-                f = await self.recv(timeout=timeout)
+                f = await self.recv(timeout=None)
                 if f.get("ref") == ref:
                     return f
                 self._unread.append(f)

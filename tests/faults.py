@@ -85,7 +85,7 @@ class Watcher:
     async def _read(self) -> None:
         try:
             while True:
-                f = await self.client.recv(timeout=3600)
+                f = await self.client.recv(timeout=None)
                 kind = f.get("type")
                 if kind == "message":
                     self._message(f)

@@ -25,7 +25,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from chatd.bench.common import cpu_seconds, machine, pct, start_chatd
+from chatd.bench.common import (
+    add_variant_options,
+    cpu_seconds,
+    file_variants,
+    machine,
+    pct,
+    start_chatd,
+    tree_cpu_seconds,
+    variant_header,
+    variants,
+)
 from chatd.bench.wire import WireClient
 from chatd.config import Config
 
@@ -36,6 +46,7 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--per-conv", type=int, default=10, help="clients per conversation")
     s.add_argument("--missed", type=int, default=20, help="messages per conversation while away")
     s.add_argument("--streams", type=int, default=10, help="conversations with a reply streaming")
+    add_variant_options(s)
     s.add_argument("--json", metavar="FILE", help="also write the results as JSON")
 
 
@@ -180,7 +191,7 @@ async def _drive(url: str, args: argparse.Namespace, pid: int) -> dict[str, Any]
         stop = trio.Event()
         print(f"storm: {len(clients)} clients reconnecting at once...", flush=True)
         t0 = time.monotonic()
-        server_cpu0, client_cpu0 = cpu_seconds(pid), time.process_time()
+        server_cpu0, client_cpu0 = tree_cpu_seconds(pid), time.process_time()
         async with trio.open_nursery() as n:
             for c, cur, off in zip(clients, cursors, offsets, strict=True):
                 n.start_soon(session, c, cur, off, None, stop, t0)
@@ -192,7 +203,7 @@ async def _drive(url: str, args: argparse.Namespace, pid: int) -> dict[str, Any]
                 while any(c.caught_up_at is None for c in clients):  # noqa: ASYNC110
                     await trio.sleep(0.01)
             all_done = time.monotonic() - t0
-            storm_cpu = (cpu_seconds(pid) - server_cpu0, time.process_time() - client_cpu0)
+            storm_cpu = (tree_cpu_seconds(pid) - server_cpu0, time.process_time() - client_cpu0)
             stop.set()
     times = [c.caught_up_at for c in clients if c.caught_up_at is not None]
     opens = [c.open_at for c in clients if c.open_at is not None]
@@ -283,30 +294,53 @@ def _run_bare(args: argparse.Namespace) -> dict[str, Any]:
         proc.wait(15)
 
 
-def run(config: Config, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+def _measure(
+    config: Config, args: argparse.Namespace, tmp: Path, server: dict[str, Any]
+) -> dict[str, Any]:
+    """The storm against one chatd configured with ``server`` (its workers, its bridge)."""
     import trio
 
-    results: dict[str, Any] = {"machine": machine(), "args": vars(args) | {"func": None}}
-    print(f"machine: {results['machine']}")
-    proc, url = start_chatd(config, tmp, {"streams": {"max_streams": 1000}})
+    proc, url = start_chatd(config, tmp, {"streams": {"max_streams": 1000}, "server": server})
     try:
         print(
-            f"chatd at {url}: {args.clients} clients, {args.per_conv} per conversation, "
-            f"{args.missed} missed messages each, {args.streams} replies streaming...",
+            f"chatd at {url} ({server}): {args.clients} clients, {args.per_conv} per "
+            f"conversation, {args.missed} missed messages each, {args.streams} replies "
+            "streaming...",
             flush=True,
         )
-        cpu0 = cpu_seconds(proc.pid)
+        cpu0 = tree_cpu_seconds(proc.pid)
         r = trio.run(_drive, url, args, proc.pid)
-        r["server_cpu_s"] = cpu_seconds(proc.pid) - cpu0
+        r["server_cpu_s"] = tree_cpu_seconds(proc.pid) - cpu0
     finally:
         proc.terminate()
         proc.wait(15)
-    results.update(r)
+    return r
+
+
+def run(config: Config, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    results: dict[str, Any] = {"machine": machine(), "args": vars(args) | {"func": None}}
+    print(f"machine: {results['machine']}")
+    measured = {label: _measure(config, args, tmp, server) for label, server in variants(args)}
     print("raw limit: the same storm against a bare trio-websocket server (no chatd)...")
     bare = _run_bare(args)
+    for r in measured.values():
+        r["ratio_to_bare"] = r["all_caught_up_s"] / bare["all_answered_s"]
+    file_variants(results, args, measured)
     results["bare"] = bare
-    results["ratio_to_bare"] = r["all_caught_up_s"] / bare["all_answered_s"]
-    print()
+    for label, r in measured.items():
+        print()
+        if len(measured) > 1:
+            print(variant_header(label, {}))
+        _print(r)
+    print(
+        f"\n{'bare server: all answered after':<34}{bare['all_answered_s']:>9.2f}s"
+        f"  (p50 {bare['p50_s']:.2f}s; CPU server / bench "
+        f"{bare['server_cpu_s']:.2f}s / {bare['client_cpu_s']:.2f}s)"
+    )
+    return results
+
+
+def _print(r: dict[str, Any]) -> None:
     print(f"{'clients reconnecting at once':<34}{r['clients']:>10}")
     print(f"{'caught up':<34}{r['caught_up']:>10}")
     print(f"{'all caught up after':<34}{r['all_caught_up_s']:>9.2f}s")
@@ -322,10 +356,4 @@ def run(config: Config, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     )
     for p in r["problem_examples"]:
         print(f"  e.g. {p}")
-    print(
-        f"{'bare server: all answered after':<34}{bare['all_answered_s']:>9.2f}s"
-        f"  (p50 {bare['p50_s']:.2f}s; CPU server / bench "
-        f"{bare['server_cpu_s']:.2f}s / {bare['client_cpu_s']:.2f}s)"
-    )
-    print(f"{'chatd all caught up / bare':<34}{results['ratio_to_bare']:>9.2f}x")
-    return results
+    print(f"{'chatd all caught up / bare':<34}{r['ratio_to_bare']:>9.2f}x")
