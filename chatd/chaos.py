@@ -1,10 +1,11 @@
 """Chaos gates: break Postgres or Redis for a while without touching the servers.
 
-Every adapter call goes through :meth:`Chaos.call`, real and memory adapters
-alike, so while a gate is open every call raises exactly as an outage would
-(or, in the gentler modes, is delayed, or a fraction of calls fail), and
-every call has its deadline. Gates are timed on Trio's clock, so tests can
-drive them with a mock clock.
+Every adapter call goes through :meth:`Chaos.call` (the memory twins, whose
+calls answer the moment they run, through :meth:`Chaos.call_at_once`), real
+and memory adapters alike, so while a gate is open every call raises exactly
+as an outage would (or, in the gentler modes, is delayed, or a fraction of
+calls fail), and every call that can take time has its deadline. Gates are
+timed on Trio's clock, so tests can drive them with a mock clock.
 """
 
 from __future__ import annotations
