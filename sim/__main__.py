@@ -46,8 +46,24 @@ def main(argv: list[str]) -> int:
         )
         raise
     print(report(result))
+    print(_floor(args.seed, args.examples, result.per_second))
     missing = [path for path in PATHS if not result.coverage[path]]
     return 1 if missing else 0
+
+
+def _floor(seed: int, examples: int, pace: float) -> str:
+    """Trio's floor for runs like the ones explored, measured now (sim/floor.py).
+
+    Its shape is the mean of the first programs of the (first worker's) stream.
+    """
+    from sim import floor
+
+    runs = floor.sample(min(examples, _SHAPE_SAMPLE), seed=seed)
+    return floor.measure(floor.shape(runs)).against(pace)
+
+
+#: At most this many programs give the floor its shape (about 4 s of runs).
+_SHAPE_SAMPLE = 200
 
 
 def _run_parallel(examples: int, workers: int, seed: int, shrink: bool) -> int:
@@ -66,6 +82,7 @@ def _run_parallel(examples: int, workers: int, seed: int, shrink: bool) -> int:
         )
         return 1
     print(report(result) + f"\n({workers} workers: {result.per_second / workers:.0f}/s each)")
+    print(_floor(seed * workers, examples // workers, result.per_second / workers))
     missing = [path for path in PATHS if not result.coverage[path]]
     return 1 if missing else 0
 

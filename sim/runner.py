@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import trio
@@ -35,16 +36,23 @@ def seeded_scheduling(seed: int) -> None:
     trio._core._run._r.seed(seed)  # type: ignore[attr-defined]
 
 
-def simulate(program: list[Any], seed: int = 0, *, scheduler: bool = True) -> Counter[str]:
+def simulate(
+    program: list[Any],
+    seed: int = 0,
+    *,
+    scheduler: bool = True,
+    instruments: Sequence[trio.abc.Instrument] = (),
+) -> Counter[str]:
     """Run ``program`` to the end and check every invariant; returns its coverage.
 
     ``scheduler``: seed Trio's scheduler from ``seed`` (off when Hypothesis
-    already drives it).
+    already drives it). ``instruments``: Trio's, watching the run (sim/floor.py
+    counts its tasks and steps).
     """
     if scheduler:
         seeded_scheduling(seed)
     clock = trio.testing.MockClock(autojump_threshold=0)
-    return trio.run(_simulate, program, seed, clock=clock)
+    return trio.run(_simulate, program, seed, clock=clock, instruments=instruments)
 
 
 async def _simulate(program: list[Any], seed: int) -> Counter[str]:

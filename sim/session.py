@@ -74,17 +74,32 @@ def explore(
                 result.first_reached[path] = result.runs
         result.coverage.update(covered)
 
-    quiet = logging.getLogger("chatd")
-    level = quiet.level
-    quiet.setLevel(logging.CRITICAL)  # the engine logs every injected fault
     t0 = time.perf_counter()
     try:
-        with _constants_of_no_module(), _few_collections():
+        with exploring():
             one()
     finally:
         result.seconds = time.perf_counter() - t0
-        quiet.setLevel(level)
     return result
+
+
+@contextmanager
+def exploring() -> Iterator[None]:
+    """What runs are explored under (sim/floor.py samples and measures under it too)."""
+    with _quiet_engine(), _constants_of_no_module(), _few_collections():
+        yield
+
+
+@contextmanager
+def _quiet_engine() -> Iterator[None]:
+    """The engine's log silenced but for the critical: it logs every injected fault."""
+    logger = logging.getLogger("chatd")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 @contextmanager
