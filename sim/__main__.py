@@ -62,7 +62,8 @@ def _floor(seed: int, examples: int, pace: float) -> str:
     return floor.measure(floor.shape(runs)).against(pace)
 
 
-#: At most this many programs give the floor its shape (about 4 s of runs).
+#: At most this many programs give the floor its shape (about 5 s of runs;
+#: timing the floor takes 5 s more).
 _SHAPE_SAMPLE = 200
 
 

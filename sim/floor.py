@@ -105,8 +105,13 @@ def floor_run(s: Shape, *, instruments: tuple[trio.abc.Instrument, ...] = ()) ->
     trio.run(_floor, round(s.tasks), round(s.steps), clock=clock, instruments=instruments)
 
 
-def measure(s: Shape, *, seconds: float = 1.0) -> Floor:
-    """Floor runs of shape ``s`` for about ``seconds`` of CPU; their pace."""
+def measure(s: Shape, *, seconds: float = 5.0) -> Floor:
+    """Floor runs of shape ``s`` for about ``seconds``; their pace.
+
+    Seconds, not one: a second's pace moves by a third from one second to the
+    next on these machines (measured: 245-439/s back to back in one process),
+    and the simulator's is an average over a minute or more.
+    """
     runs = 0
     with exploring():
         t0 = time.perf_counter()
