@@ -1,7 +1,7 @@
 """Trio's floor for a simulated run: the raw limit the simulator's pace is read against.
 
 A simulated run is CPU-bound, and these machines are shared: the same code
-explored 87-91 programs a second one evening and 47-52 the next on a machine
+explored 87-91 programs a second one evening and 43-52 the next on a machine
 of the same kind. So, as every chatd benchmark reports its raw limit measured
 in the same sitting, ``python -m sim run`` reports Trio's floor beside the
 pace: a Trio run of the same shape as the runs just explored (as many tasks
