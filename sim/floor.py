@@ -55,7 +55,9 @@ class Floor:
         )
 
 
-class _Counter(trio.abc.Instrument):
+class StepCounter(trio.abc.Instrument):
+    """Counts the tasks a Trio run spawns and the steps they take."""
+
     def __init__(self) -> None:
         self.tasks = 0
         self.steps = 0
@@ -90,7 +92,7 @@ def sample(examples: int, *, seed: int = 0) -> list[tuple[list[Any], int]]:
 
 def shape(runs: list[tuple[list[Any], int]]) -> Shape:
     """The mean tasks and task steps of ``runs``, each simulated once."""
-    counter = _Counter()
+    counter = StepCounter()
     with exploring():
         for program, seed in runs:
             simulate(program, seed, instruments=[counter])

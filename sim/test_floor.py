@@ -8,7 +8,7 @@ from sim import floor
 
 def test_a_floor_run_has_the_shape_it_was_asked_for():
     for tasks, steps in [(64, 450), (20, 90), (5, 400)]:
-        counter = floor._Counter()
+        counter = floor.StepCounter()
         floor.floor_run(floor.Shape(tasks, steps), instruments=(counter,))
         assert counter.tasks == tasks
         assert steps <= counter.steps <= steps + 8, (tasks, steps, counter.steps)
@@ -29,7 +29,7 @@ def test_the_sample_is_the_start_of_the_explored_stream(monkeypatch):
 
 def test_the_shape_counts_both_engines_tasks_and_every_step():
     runs = floor.sample(3, seed=2)
-    counter = floor._Counter()
+    counter = floor.StepCounter()
     for program, seed in runs:
         floor.simulate(program, seed, instruments=[counter])
     s = floor.shape(runs)
