@@ -22,13 +22,9 @@ from typing import Any
 
 import trio
 import trio.testing
-from hypothesis import HealthCheck, Phase, given, settings
-from hypothesis import seed as hypothesis_seed
-from hypothesis import strategies as st
 
 from sim.runner import seeded_scheduling, simulate
-from sim.session import exploring
-from sim.world import programs
+from sim.session import exploring, stream
 
 
 @dataclass(frozen=True)
@@ -73,15 +69,7 @@ def sample(examples: int, *, seed: int = 0) -> list[tuple[list[Any], int]]:
     """The first ``examples`` (program, scheduler seed) pairs of ``explore``'s stream."""
     drawn: list[tuple[list[Any], int]] = []
 
-    @hypothesis_seed(seed)
-    @settings(
-        max_examples=examples,
-        database=None,
-        deadline=None,
-        phases=[Phase.generate],
-        suppress_health_check=list(HealthCheck),
-    )
-    @given(program=programs(), seed=st.integers(0, 2**32 - 1))
+    @stream(examples, seed=seed, shrink=False)
     def _draw(program: list[Any], seed: int) -> None:
         drawn.append((program, seed))
 

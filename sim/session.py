@@ -12,7 +12,7 @@ import gc
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,19 +48,8 @@ def explore(
     ``into`` receives the counts as they grow (still there when it raises).
     """
     result = into if into is not None else Exploration()
-    phases = [Phase.generate, Phase.shrink] if shrink else [Phase.generate]
 
-    @hypothesis_seed(seed)
-    @settings(
-        max_examples=examples,
-        database=None,
-        deadline=None,
-        phases=phases,
-        suppress_health_check=list(HealthCheck),
-        report_multiple_bugs=False,
-        print_blob=False,
-    )
-    @given(program=programs(), seed=st.integers(0, 2**32 - 1))
+    @stream(examples, seed=seed, shrink=shrink)
     def one(program: list[Any], seed: int) -> None:
         try:
             covered = simulate(program, seed)
@@ -81,6 +70,25 @@ def explore(
     finally:
         result.seconds = time.perf_counter() - t0
     return result
+
+
+def stream(
+    examples: int, *, seed: int, shrink: bool
+) -> Callable[[Callable[[list[Any], int], None]], Callable[[], None]]:
+    """Hypothesis's ``given`` over the first ``examples`` (program, scheduler seed)
+    pairs of stream ``seed``: what :func:`explore` runs, and sim/floor.py samples."""
+    phases = [Phase.generate, Phase.shrink] if shrink else [Phase.generate]
+    configured = settings(
+        max_examples=examples,
+        database=None,
+        deadline=None,
+        phases=phases,
+        suppress_health_check=list(HealthCheck),
+        report_multiple_bugs=False,
+        print_blob=False,
+    )
+    drawn = given(program=programs(), seed=st.integers(0, 2**32 - 1))
+    return lambda test: hypothesis_seed(seed)(configured(drawn(test)))
 
 
 @contextmanager
